@@ -1,0 +1,128 @@
+"""The pool of plasticity terms F^0..F^9 (Methods, Eqs. 14-23), factorised.
+
+Every term but the decay F^3 is a scaled outer product, so the whole update of
+one layer is the rank-3 product ``e_l a^T + y_l b^T + 1 c^T - θ_3 W`` (summed
+over the batch dimension, which is 1 online). No ``(n × n)`` matrix is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+TERM_COUNT = 10
+TERM_IDS = tuple(range(TERM_COUNT))
+
+#: Named rules: Eq. 4 (f0), Eq. 5 (pool), Eq. 7 (bio), Eq. 8 (ehebb), Eq. 10 (oja).
+NAMED_RULES: dict[str, tuple[int, ...]] = {
+    "f0": (0,),
+    "pool": TERM_IDS,
+    "bio": (0, 2, 9),
+    "ehebb": (0, 2),
+    "oja": (0, 9),
+}
+
+#: Human-readable form of each term, used in reports and docs.
+TERM_FORMULAS = {
+    0: "-e_l y_{l-1}^T",
+    1: "-y_l e_{l-1}^T",
+    2: "-e_l e_{l-1}^T",
+    3: "-W",
+    4: "-1 e_{l-1}^T",
+    5: "-e_l 1^T y_l y_{l-1}^T",
+    6: "-y_l y_l^T W e_{l-1} e_{l-1}^T",
+    7: "-e_l y_l^T W e_{l-1} y_{l-1}^T",
+    8: "-y_l y_{l-1}^T W^T e_l e_{l-1}^T",
+    9: "y_l y_{l-1}^T - y_l y_l^T W",
+}
+
+
+def resolve_rule(spec: str | int | Iterable[int]) -> tuple[int, ...]:
+    """Term ids of a rule given by name (``f0``, ``pool``, ``bio``, ``ehebb``, ``oja``) or as a list of ids."""
+    if isinstance(spec, str):
+        if spec not in NAMED_RULES:
+            raise ValueError(
+                f"rule {spec!r} is unknown; allowed: {', '.join(NAMED_RULES)} or a list of term ids 0..9"
+            )
+        return NAMED_RULES[spec]
+    ids = [spec] if isinstance(spec, int) else list(spec)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i not in TERM_IDS]
+    if bad or not ids:
+        raise ValueError(
+            f"rule terms {ids!r} are invalid ({bad!r}); allowed: a non-empty list of term ids 0..9"
+        )
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"rule terms {ids!r} repeat an id; each term id 0..9 may appear once")
+    return tuple(sorted(ids))
+
+
+def expand_theta(theta: Tensor, terms: Sequence[int], layer_terms: Sequence[int]) -> Tensor:
+    """Dense ``(trials, 10)`` coefficients of one layer: Θ's entries for ``layer_terms``, zero elsewhere."""
+    dense = theta.new_zeros(theta.shape[0], TERM_COUNT)
+    columns = [terms.index(r) for r in layer_terms]
+    return dense.index_copy(1, torch.tensor(layer_terms), theta[:, columns])
+
+
+def plasticity_update(
+    weight: Tensor,
+    theta: Tensor,
+    active: Iterable[int],
+    y_pre: Tensor,
+    y_post: Tensor,
+    e_pre: Tensor,
+    e_post: Tensor,
+    z_post: Tensor,
+) -> Tensor:
+    """``W + Σ_r θ_r F^r`` for one layer (Eqs. 5, 14-23), all trials at once.
+
+    Shapes: ``weight (T, n, m)``, ``theta (T, 10)``, ``y_pre, e_pre (T, B, m)``,
+    ``y_post, e_post, z_post (T, B, n)``. ``active`` lists the terms to compute;
+    the others are skipped (their θ is zero). With ``B > 1`` the outer products
+    are summed over the batch.
+    """
+    active = set(active)
+
+    def coef(r: int) -> Tensor:
+        return theta[:, r, None, None]
+
+    a = b = c = None  # right vectors of e_l, y_l and 1
+
+    def add(acc, value):
+        return value if acc is None else acc + value
+
+    if active & {6, 7, 9}:
+        wt_y = y_post @ weight  # (W^T y_l)^T, shape (T, B, m)
+    if active & {6, 7}:
+        y_w_e = (wt_y * e_pre).sum(-1, keepdim=True)  # y_l^T W e_{l-1}
+    if 0 in active:
+        a = add(a, -coef(0) * y_pre)
+    if 2 in active:
+        a = add(a, -coef(2) * e_pre)
+    if 5 in active:
+        a = add(a, -coef(5) * y_post.sum(-1, keepdim=True) * y_pre)
+    if 7 in active:
+        a = add(a, -coef(7) * y_w_e * y_pre)
+    if 1 in active:
+        b = add(b, -coef(1) * e_pre)
+    if 6 in active:
+        b = add(b, -coef(6) * y_w_e * e_pre)
+    if 8 in active:
+        b = add(b, -coef(8) * (z_post * e_post).sum(-1, keepdim=True) * e_pre)
+    if 9 in active:
+        b = add(b, coef(9) * (y_pre - wt_y))
+    if 4 in active:
+        c = -coef(4) * e_pre
+
+    lefts, rights = [], []
+    for left, right in ((e_post, a), (y_post, b), (torch.ones_like(y_post), c)):
+        if right is not None:
+            lefts.append(left)
+            rights.append(right)
+    base = weight * (1 - theta[:, 3, None, None]) if 3 in active else weight
+    if not lefts:
+        return base
+    left = torch.cat(lefts, dim=1)
+    right = torch.cat(rights, dim=1)
+    return torch.baddbmm(base, left.transpose(1, 2), right)
