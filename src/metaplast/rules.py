@@ -40,7 +40,7 @@ TERM_FORMULAS = {
 
 
 def resolve_rule(spec: str | int | Iterable[int]) -> tuple[int, ...]:
-    """Term ids of a rule given by name (``f0``, ``pool``, ``bio``, ``ehebb``, ``oja``) or as a list of ids."""
+    """Term ids of a rule given by name (f0, pool, bio, ehebb, oja) or as a list of ids."""
     if isinstance(spec, str):
         if spec not in NAMED_RULES:
             raise ValueError(
