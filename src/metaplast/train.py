@@ -1,0 +1,138 @@
+"""``python -m metaplast.train``: meta-learn a plasticity rule (Algorithm 1) from a Hydra config."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metaplast.config import ConfigError, hidden_sizes, register, validate
+from metaplast.data import DataError, load_dataset
+from metaplast.module import MetaPlasticity
+from metaplast.tracking import wandb_mode
+
+log = logging.getLogger("metaplast")
+register()
+
+
+def load_data(cfg: DictConfig):
+    options = {"per_class": cfg.dataset.per_class} if cfg.dataset.name == "glyphs" else {}
+    return load_dataset(
+        cfg.dataset.name,
+        cfg.dataset.root,
+        cfg.dataset.split,
+        cfg.dataset.download,
+        cfg.dataset.seed,
+        **options,
+    )
+
+
+def build_module(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
+    """Validate ``cfg`` against itself and its dataset, then build the LightningModule."""
+    rule = validate(cfg)
+    data = load_data(cfg)
+    sizes = [data.images.shape[1], *hidden_sizes(cfg.model)]
+    sizes.append(cfg.meta.M if cfg.model.remap_labels else data.num_classes)
+    meta = cfg.meta
+    try:
+        return MetaPlasticity(
+            data.images,
+            data.labels,
+            sizes,
+            rule,
+            feedback=cfg.feedback.kind.value,
+            feedback_init=cfg.feedback.init.value,
+            grad_through_b=cfg.feedback.grad_through_b,
+            reg=cfg.reg.kind.value,
+            lam=cfg.reg.lam,
+            lr=meta.lr,
+            episodes=meta.episodes,
+            M=meta.M,
+            K=meta.K,
+            Q=meta.Q,
+            trials=meta.trials,
+            first_trial=meta.first_trial,
+            seed=cfg.seed,
+            theta0_init=cfg.rule.theta0_init,
+            theta_init=cfg.rule.theta_init,
+            beta=cfg.model.beta,
+            remap_labels=cfg.model.remap_labels,
+            csv_path=str(run_dir / "metrics.csv") if cfg.logger.csv else None,
+        )
+    except ValueError as error:  # the task sampler's checks of M, K and Q against the data
+        raise ConfigError(f"meta.{error} (dataset {cfg.dataset.name!r})") from None
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    if not cfg.logger.wandb:
+        return False
+    mode = wandb_mode(cfg.logger.mode.value)
+    if mode == "disabled":
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    name = cfg.logger.name or (",".join(overrides) if overrides else None)
+    return WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group,
+        name=name,
+        tags=list(cfg.logger.tags),
+        mode=mode,
+        save_dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+    )
+
+
+def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
+    """Meta-train as configured; results, checkpoints and W&B files go under ``run_dir``."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg, run_dir)
+    precision = {"32": "32-true", "64": "64-true"}.get(str(cfg.trainer.precision), cfg.trainer.precision)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="episode{step}",
+        every_n_train_steps=cfg.trainer.checkpoint_every,
+        save_top_k=-1,
+        save_last=True,
+    )
+    logger = build_logger(cfg, run_dir)
+    trainer = L.Trainer(
+        max_steps=cfg.meta.episodes,
+        max_epochs=-1,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=precision,
+        logger=logger,
+        callbacks=[checkpoints],
+        log_every_n_steps=1,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, ckpt_path=cfg.ckpt_path)
+    if logger:
+        import wandb
+
+        wandb.finish()
+    return module
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, DataError) as error:
+        log.error("%s", error)
+        print(f"metaplast: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
