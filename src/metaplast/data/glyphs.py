@@ -125,6 +125,16 @@ def _clean_glyphs(strokes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor,
     )
 
 
+def _options(jitter: dict) -> dict:
+    """DEFAULT_JITTER overridden by jitter, in canonical types (floats, a tuple of ints)."""
+    unknown = set(jitter) - set(DEFAULT_JITTER)
+    if unknown:
+        raise DataError(f"unknown glyph options {sorted(unknown)}; allowed: {sorted(DEFAULT_JITTER)}")
+    options = {k: float(v) for k, v in {**DEFAULT_JITTER, **jitter}.items() if k != "strokes"}
+    options["strokes"] = tuple(int(w) for w in jitter.get("strokes", DEFAULT_JITTER["strokes"]))
+    return options
+
+
 def _uniform(n: int, half_width: float, generator: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * half_width
 
@@ -166,13 +176,10 @@ def generate_glyphs(per_class: int = 400, seed: int = 0, **jitter) -> tuple[torc
     Returns uint8 images (47 * per_class, 28, 28) and int64 labels (class-major order).
     Keyword arguments override DEFAULT_JITTER.
     """
-    unknown = set(jitter) - set(DEFAULT_JITTER)
-    if unknown:
-        raise DataError(f"unknown glyph options {sorted(unknown)}; allowed: {sorted(DEFAULT_JITTER)}")
     if per_class < 1:
         raise DataError(f"glyphs: per_class must be >= 1, got {per_class}")
-    p = {**DEFAULT_JITTER, **jitter}
-    strokes = tuple(int(s) for s in p["strokes"])
+    p = _options(jitter)
+    strokes = p["strokes"]
     clean, extent, centre = _clean_glyphs(strokes)
     n_fonts, n_classes, n_strokes = len(font_paths()), len(GLYPH_CLASSES), len(strokes)
 
@@ -213,9 +220,10 @@ def generate_glyphs(per_class: int = 400, seed: int = 0, **jitter) -> tuple[torc
 def glyphs_cache_path(root: str | os.PathLike, per_class: int, seed: int, **jitter) -> Path:
     """Cache file of one glyph set; non-default jitter adds a hash of the options to the name."""
     name = f"glyphs-{_CACHE_VERSION}-seed{seed}-n{per_class}"
-    options = {k: v for k, v in jitter.items() if DEFAULT_JITTER.get(k) != v}
-    if options:
-        key = json.dumps({k: options[k] for k in sorted(options)}, default=list)
+    default, options = _options({}), _options(jitter)
+    changed = {k: options[k] for k in sorted(options) if options[k] != default[k]}
+    if changed:
+        key = json.dumps(changed)
         name += "-" + hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(root) / f"{name}.pt"
 
