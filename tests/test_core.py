@@ -20,7 +20,13 @@ def generators(n, seed=0):
 def random_layer(trials, n, m, seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return r(trials, n, m) * 0.3, r(trials, 1, m).abs(), r(trials, 1, n).abs(), r(trials, 1, m), r(trials, 1, n)
+    return (
+        r(trials, n, m) * 0.3,
+        r(trials, 1, m).abs(),
+        r(trials, 1, n).abs(),
+        r(trials, 1, m),
+        r(trials, 1, n),
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (7, 4), (1, 6), (6, 6)])
@@ -117,7 +123,9 @@ def test_fa_and_dfa_feedback_stay_fixed_while_bp_follows_w():
 
 
 def meta_objective(theta, rule, kind, reg, lam, data, feedback, weights, grad_through_b=True):
-    adapted = inner_loop(theta, rule, weights, feedback, kind, data[0], data[1], grad_through_b=grad_through_b)
+    adapted = inner_loop(
+        theta, rule, weights, feedback, kind, data[0], data[1], grad_through_b=grad_through_b
+    )
     return (query_loss(adapted, data[2], data[3]) + lam * regulariser(theta, reg)).sum()
 
 
@@ -157,11 +165,18 @@ def test_meta_gradient_equals_central_finite_differences(rule_name, kind, reg):
 def test_bp_gradient_switch_treats_b_as_constant():
     sizes = [6, 5, 3]
     weights = init_weights(sizes, generators(1))
-    data = (torch.rand(1, 4, 6), torch.randint(0, 3, (1, 4)), torch.rand(1, 3, 6), torch.randint(0, 3, (1, 3)))
+    data = (
+        torch.rand(1, 4, 6),
+        torch.randint(0, 3, (1, 4)),
+        torch.rand(1, 3, 6),
+        torch.randint(0, 3, (1, 3)),
+    )
     rule = Rule.build("f0", 2)
     theta = torch.tensor([[0.3]], requires_grad=True)
     exact = torch.autograd.grad(meta_objective(theta, rule, "bp", "none", 0, data, [], weights), theta)[0]
-    const = torch.autograd.grad(meta_objective(theta, rule, "bp", "none", 0, data, [], weights, False), theta)[0]
+    const = torch.autograd.grad(
+        meta_objective(theta, rule, "bp", "none", 0, data, [], weights, False), theta
+    )[0]
     assert not torch.allclose(exact, const)
     # Same forward values either way.
     with torch.no_grad():
@@ -203,7 +218,9 @@ def test_per_layer_rule_applies_ehebb_only_where_assigned():
     ws = [w[0] for w in weights]
     layer_coeffs = [{0: theta[0, 0]}, {0: theta[0, 0], 2: theta[0, 1]}, {0: theta[0, 0]}]
     for step in range(3):
-        ws = reference.inner_step(ws, [b[0] for b in feedback], "fa", layer_coeffs, x[0, step], int(y[0, step]), BETA)
+        ws = reference.inner_step(
+            ws, [b[0] for b in feedback], "fa", layer_coeffs, x[0, step], int(y[0, step]), BETA
+        )
     for got, expected in zip(adapted, ws):
         torch.testing.assert_close(got[0], expected)
 

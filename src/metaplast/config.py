@@ -13,6 +13,8 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from metaplast.episode import Rule
 
@@ -171,8 +173,22 @@ def build_rule(cfg) -> Rule:
         raise ConfigError(f"{name}: {error}") from None
 
 
+def check_schema(cfg) -> None:
+    """Keys added with Hydra's ``+key=value`` bypass struct mode; merge into the schema to catch them."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
+    except ConfigKeyError as error:
+        parent = error.full_key.rpartition(".")[0]
+        node = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else Config
+        allowed = (
+            ", ".join(OmegaConf.structured(node).keys()) if parent else ", ".join(Config.__dataclass_fields__)
+        )
+        raise ConfigError(f"{error.full_key} is not a known key; allowed keys here: {allowed}") from None
+
+
 def validate(cfg) -> Rule:
     """Checks that need more than a type; returns the rule. Raises :class:`ConfigError`."""
+    check_schema(cfg)
     for name in ("episodes", "M", "K", "Q", "trials"):
         value = getattr(cfg.meta, name)
         if value < 1:

@@ -12,7 +12,7 @@ import torch
 
 
 def episode_record(theta: torch.Tensor, terms, metrics: dict[str, torch.Tensor], total_loss: torch.Tensor):
-    """Per-trial columns of one episode: ``meta/loss``, ``meta/acc``, ``theta/<r>``, ``angle/<l>``, ``orth/<l>``.
+    """Per-trial columns of one episode: meta/loss, meta/acc, theta/<r>, angle/<l>, orth/<l>.
 
     Angles are indexed l = 0..L-1 and orthonormality errors l = 1..L, as in the papers.
     Values are ``(trials,)`` tensors.
@@ -74,7 +74,7 @@ class EpisodeCSV:
 
 
 def wandb_mode(requested: str) -> str:
-    """``auto``: online when an API key and the W&B host are reachable, otherwise offline; never asks to log in."""
+    """``auto``: online with an API key and a reachable W&B host, else offline; never asks to log in."""
     if requested != "auto":
         return requested
     if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):

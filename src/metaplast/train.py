@@ -97,7 +97,9 @@ def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
     precision = {"32": "32-true", "64": "64-true"}.get(str(cfg.trainer.precision), cfg.trainer.precision)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="episode{step}",
+        filename="episode-{step}",
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
         every_n_train_steps=cfg.trainer.checkpoint_every,
         save_top_k=-1,
         save_last=True,

@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from metaplast.config import register
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+#: A run small enough for a test: synthetic glyphs, a 3-way task, a 2-hidden-layer net, no W&B.
+TINY = [
+    "dataset=glyphs",
+    "dataset.per_class=12",
+    "model.hidden=[16,12]",
+    "meta.episodes=3",
+    "meta.trials=2",
+    "meta.M=3",
+    "meta.K=4",
+    "meta.Q=3",
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "trainer.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_root(tmp_path_factory):
+    """Every test reads and caches its data in one temporary directory; nothing is downloaded."""
+    root = tmp_path_factory.mktemp("data")
+    os.environ["METAPLAST_DATA"] = str(root)
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ.pop("WANDB_API_KEY", None)
+    return root
+
+
+@pytest.fixture
+def make_cfg():
+    """Compose the real Hydra config with ``TINY`` plus the given overrides."""
+    register()
+
+    def make(*overrides):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose("config", overrides=[*TINY, *overrides])
+
+    return make
+
+
+def run_cli(*args, cwd, module="metaplast.train", check=True):
+    """Run ``python -m <module> args`` in a fresh interpreter, as a user would."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
