@@ -10,7 +10,15 @@ from metaplast.metrics import episode_metrics
 from metaplast.network import BETA, forward, init_weights
 from metaplast.rules import NAMED_RULES, TERM_IDS, plasticity_update, resolve_rule
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The core is checked in double precision; the default is restored for other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def generators(n, seed=0):
