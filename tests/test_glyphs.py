@@ -52,8 +52,13 @@ def test_jitter_options_change_images_and_are_validated():
     plain = generate_glyphs(1, seed=0, rotation=0, scale=0, aspect=0, shear=0, translate=0, elastic=0)
     jittered = generate_glyphs(1, seed=0)
     assert not torch.equal(plain[0], jittered[0])
+    thin = generate_glyphs(2, seed=0, strokes=[-1])[0].float().mean()
+    thick = generate_glyphs(2, seed=0, strokes=[2])[0].float().mean()
+    assert thick > 1.5 * thin
     with pytest.raises(DataError, match=r"unknown glyph options \['wobble'\]"):
         generate_glyphs(1, wobble=2)
+    with pytest.raises(DataError, match=r"strokes \(9,\): need one or more widths in -3..4"):
+        generate_glyphs(1, strokes=[9])
     with pytest.raises(DataError, match="per_class must be >= 1"):
         generate_glyphs(0)
 
@@ -84,7 +89,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, small_set):
 
 def test_options_and_split_select_distinct_sets(tmp_path):
     a = glyphs.glyphs_cache_path(tmp_path, 3, 0)
-    assert glyphs.glyphs_cache_path(tmp_path, 3, 0, rotation=15.0) == a  # the default value
+    assert glyphs.glyphs_cache_path(tmp_path, 3, 0, rotation=10) == a  # the default value
     assert glyphs.glyphs_cache_path(tmp_path, 3, 0, strokes=[0, 1, 2]) == a
     assert glyphs.glyphs_cache_path(tmp_path, 3, 0, rotation=30) != a
     test = load_dataset("glyphs", root=tmp_path, per_class=1)

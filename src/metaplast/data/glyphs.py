@@ -55,13 +55,14 @@ GLYPH_FONTS = (
 
 # Jitter strengths; keyword arguments of generate_glyphs / load_glyphs override them.
 DEFAULT_JITTER = {
-    "rotation": 15.0,  # degrees, uniform in [-rotation, rotation]
-    "scale": 0.15,  # size factor uniform in [1 - scale, 1 + scale]
-    "aspect": 0.15,  # extra width factor uniform in [1 - aspect, 1 + aspect]
-    "shear": 0.3,  # horizontal shear uniform in [-shear, shear]
-    "translate": 1.5,  # pixels, uniform in [-translate, translate] per axis
-    "strokes": (0, 1, 2),  # extra stroke widths (render pixels, about 0.6 output pixels each)
-    "elastic": 1.0,  # std (pixels) of the smooth random displacement field
+    "rotation": 10.0,  # degrees, uniform in [-rotation, rotation]
+    "scale": 0.1,  # size factor uniform in [1 - scale, 1 + scale]
+    "aspect": 0.1,  # extra width factor uniform in [1 - aspect, 1 + aspect]
+    "shear": 0.2,  # horizontal shear uniform in [-shear, shear]
+    "translate": 0.6,  # pixels, uniform in [-translate, translate] per axis
+    "strokes": (0, 1, 2),  # stroke widths to pick from (render pixels, ~0.6 output pixels each;
+    # negative values thin the glyph by erosion)
+    "elastic": 0.45,  # std (pixels) of the smooth random displacement field's control points
     "noise": 0.03,  # std of additive Gaussian pixel noise
     "box": 20.0,  # side (pixels) of the square the character is size-normalised into
 }
@@ -132,6 +133,8 @@ def _options(jitter: dict) -> dict:
         raise DataError(f"unknown glyph options {sorted(unknown)}; allowed: {sorted(DEFAULT_JITTER)}")
     options = {k: float(v) for k, v in {**DEFAULT_JITTER, **jitter}.items() if k != "strokes"}
     options["strokes"] = tuple(int(w) for w in jitter.get("strokes", DEFAULT_JITTER["strokes"]))
+    if not options["strokes"] or not all(-3 <= w <= 4 for w in options["strokes"]):
+        raise DataError(f"glyph strokes {options['strokes']}: need one or more widths in -3..4")
     return options
 
 
