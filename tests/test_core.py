@@ -11,7 +11,6 @@ from metaplast.network import BETA, forward, init_weights
 from metaplast.rules import NAMED_RULES, TERM_IDS, plasticity_update, resolve_rule
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """The core is checked in double precision; the default is restored for other test modules."""

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
-from wandb_file import offline_run_file, summary
 
+from conftest import TINY, run_cli
 from metaplast.config import ConfigError, validate
 from metaplast.train import build_module, run
+from wandb_file import offline_run_file, summary
 
 
 def read_csv(path):
