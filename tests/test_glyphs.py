@@ -33,6 +33,16 @@ def test_same_seed_is_bit_identical_and_seeds_differ(small_set):
     assert not torch.equal(images, generate_glyphs(PER_CLASS, seed=1)[0])
 
 
+def test_independent_of_default_dtype(small_set):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        images, _ = generate_glyphs(PER_CLASS, seed=0)
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(images, small_set[0])
+
+
 def test_images_look_like_centred_varied_characters(small_set):
     images, _ = small_set
     x = images.float() / 255

@@ -197,7 +197,8 @@ def generate_glyphs(per_class: int = 400, seed: int = 0, **jitter) -> tuple[torc
     shear = _uniform(n, p["shear"], g)
     aspect = 1 + _uniform(n, p["aspect"], g)
     shift = torch.stack([_uniform(n, p["translate"], g), _uniform(n, p["translate"], g)], -1)
-    control = torch.randn(n, 2, _ELASTIC_GRID, _ELASTIC_GRID, generator=g) * p["elastic"]
+    control = torch.randn(n, 2, _ELASTIC_GRID, _ELASTIC_GRID, generator=g, dtype=torch.float32)
+    control = control * p["elastic"]
 
     images = torch.empty(n, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     side = IMAGE_SIZE * _SUPERSAMPLE
@@ -215,7 +216,7 @@ def generate_glyphs(per_class: int = 400, seed: int = 0, **jitter) -> tuple[torc
         )
         warped = F.grid_sample(clean[index[part]], grid, align_corners=False)
         warped = F.avg_pool2d(warped, _SUPERSAMPLE).squeeze(1)
-        noisy = warped + torch.randn(warped.shape, generator=g) * p["noise"]
+        noisy = warped + torch.randn(warped.shape, generator=g, dtype=torch.float32) * p["noise"]
         images[part] = (noisy.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels
 
