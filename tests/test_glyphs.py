@@ -78,7 +78,7 @@ def test_load_dataset_caches_and_reuses(tmp_path, monkeypatch, small_set):
     assert data.synthetic and data.name == "glyphs" and data.num_classes == 47
     assert data.images.shape == (47 * PER_CLASS, 784) and data.images.dtype == torch.float32
     assert torch.equal(data.images, small_set[0].view(-1, 784).float() / 255)
-    assert [p.name for p in tmp_path.iterdir()] == [f"glyphs-v1-seed0-n{PER_CLASS}.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == [glyphs.glyphs_cache_path(tmp_path, PER_CLASS, 0).name]
 
     def no_generation(*args, **kwargs):
         raise AssertionError("cache not used")

@@ -222,14 +222,11 @@ def generate_glyphs(per_class: int = 400, seed: int = 0, **jitter) -> tuple[torc
 
 
 def glyphs_cache_path(root: str | os.PathLike, per_class: int, seed: int, **jitter) -> Path:
-    """Cache file of one glyph set; non-default jitter adds a hash of the options to the name."""
-    name = f"glyphs-{_CACHE_VERSION}-seed{seed}-n{per_class}"
-    default, options = _options({}), _options(jitter)
-    changed = {k: options[k] for k in sorted(options) if options[k] != default[k]}
-    if changed:
-        key = json.dumps(changed)
-        name += "-" + hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(root) / f"{name}.pt"
+    """Cache file of one glyph set, named by a hash of every generation option (defaults included),
+    so that a change of the defaults never reuses a stale cache."""
+    key = json.dumps(_options(jitter), sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return Path(root) / f"glyphs-{_CACHE_VERSION}-seed{seed}-n{per_class}-{digest}.pt"
 
 
 def _read_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
