@@ -96,6 +96,7 @@ class MetaConfig:
     trials: int = 20
     lr: float = 1e-3
     first_trial: int = 0
+    max_diverged: int = 10  # consecutive diverged episodes of one trial that stop the run
 
 
 @dataclass
@@ -195,6 +196,8 @@ def validate(cfg) -> Rule:
             _fail(f"meta.{name}", value, "an integer >= 1")
     if cfg.meta.first_trial < 0:
         _fail("meta.first_trial", cfg.meta.first_trial, "an integer >= 0")
+    if cfg.meta.max_diverged < 1:
+        _fail("meta.max_diverged", cfg.meta.max_diverged, "an integer >= 1")
     if not cfg.meta.lr > 0:
         _fail("meta.lr", cfg.meta.lr, "a positive learning rate")
     if not cfg.reg.lam >= 0:

@@ -14,7 +14,8 @@ from metaplast.episode import Rule, inner_loop, query_loss, regulariser
 from metaplast.feedback import init_feedback
 from metaplast.metrics import episode_metrics
 from metaplast.network import init_weights
-from metaplast.tracking import EpisodeCSV, episode_record, logged_scalars
+from metaplast.safety import DivergenceError
+from metaplast.tracking import EpisodeCSV, episode_record, flag_diverged, logged_scalars
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*that ended before the epoch ended.*")
@@ -56,6 +57,7 @@ class MetaPlasticity(L.LightningModule):
         beta: float = 10.0,
         remap_labels: bool = False,
         csv_path: str | None = None,
+        max_diverged: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["images", "labels", "csv_path", "rule"])
@@ -74,6 +76,7 @@ class MetaPlasticity(L.LightningModule):
             for t in self.trial_ids
         ]
         self.csv = EpisodeCSV(csv_path) if csv_path else None
+        self.diverged_streak = [0] * trials  # consecutive diverged episodes of each trial
 
     def train_dataloader(self):
         # The tasks are drawn in training_step from the samplers the checkpoint restores;
@@ -113,17 +116,62 @@ class MetaPlasticity(L.LightningModule):
             [w.detach() for w in adapted], feedback, hp.feedback, x_query, y_query, hp.beta
         )
         record = episode_record(self.theta, self.rule.terms, metrics, loss)
+        # Divergence (issue 6): non-finite activations end up in the weights or the loss.
+        finite = loss.detach().isfinite()
+        for weight in adapted:
+            finite &= weight.detach().flatten(1).isfinite().all(1)
+        self._episode = (self.global_step, record, finite)  # logged in on_train_batch_end
+        return torch.where(finite, loss, torch.zeros_like(loss)).sum()
+
+    # --- divergence (issue 6): freeze diverged trials, flag them, stop on a streak ---
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Adam's step, after which each diverged trial gets back its Θ row and Adam moments.
+
+        Adam moves a row even where its gradient is zero (momentum), so rows are restored
+        rather than masked. Adam's step count is one scalar for all rows and still advances.
+        """
+        state = getattr(optimizer, "optimizer", optimizer).state
+        before = {k: v.clone() for k, v in state.get(self.theta, {}).items() if torch.is_tensor(v)}
+        theta_before = self.theta.detach().clone()
+        optimizer.step(closure=optimizer_closure)
+        episode, record, finite = self._episode
+        finite = finite & self.theta.detach().isfinite().all(1)
+        if self.theta.grad is not None:
+            finite &= self.theta.grad.isfinite().all(1)
+        diverged = ~finite
+        if diverged.any():
+            with torch.no_grad():
+                self.theta[diverged] = theta_before[diverged]
+                for key, value in state[self.theta].items():
+                    if torch.is_tensor(value) and value.shape == self.theta.shape:
+                        value[diverged] = before[key][diverged] if key in before else 0
+        self.diverged_streak = [n + 1 if d else 0 for n, d in zip(self.diverged_streak, diverged.tolist())]
+        self._episode = (episode, flag_diverged(record, diverged), diverged.cpu())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        """Log and write the episode; stop when a trial diverged ``max_diverged`` times in a row."""
+        episode, record, diverged = self._episode
         self.log_dict(logged_scalars(record, self.trial_ids), on_step=True, on_epoch=False, batch_size=1)
-        self.log("acc", record["meta/acc"].mean().item(), prog_bar=True, logger=False, batch_size=1)
+        if not diverged.all():
+            acc = record["meta/acc"][~diverged].mean().item()
+            self.log("acc", acc, prog_bar=True, logger=False, batch_size=1)
         if self.csv is not None:
-            self.csv.append(self.global_step, self.trial_ids, record)
-        return loss.sum()
+            self.csv.append(episode, self.trial_ids, record)
+        for trial, streak, row in zip(self.trial_ids, self.diverged_streak, self.theta.detach().cpu()):
+            if streak >= self.hparams.max_diverged:
+                theta = ", ".join(f"theta_{r}={v:.6g}" for r, v in zip(self.rule.terms, row.tolist()))
+                raise DivergenceError(
+                    f"trial {trial} diverged (non-finite weights, activations or meta-loss) in {streak} "
+                    f"consecutive episodes, the last being episode {episode} "
+                    f"(meta.max_diverged={self.hparams.max_diverged}); its last finite Θ: {theta}"
+                )
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["metaplast_streams"] = {
             "init": [g.get_state() for g in self.init_generators],
             "tasks": [s.state_dict() for s in self.samplers],
         }
+        checkpoint["metaplast_diverged_streak"] = list(self.diverged_streak)
 
     def on_load_checkpoint(self, checkpoint):
         streams = checkpoint["metaplast_streams"]
@@ -131,3 +179,4 @@ class MetaPlasticity(L.LightningModule):
             generator.set_state(state)
         for sampler, state in zip(self.samplers, streams["tasks"]):
             sampler.load_state_dict(state)
+        self.diverged_streak = list(checkpoint.get("metaplast_diverged_streak", self.diverged_streak))

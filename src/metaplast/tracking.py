@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import netrc
 import os
 import socket
 from pathlib import Path
 
 import torch
+
+from metaplast.safety import write_text
 
 
 def episode_record(theta: torch.Tensor, terms, metrics: dict[str, torch.Tensor], total_loss: torch.Tensor):
@@ -25,52 +28,96 @@ def episode_record(theta: torch.Tensor, terms, metrics: dict[str, torch.Tensor],
     record.update({f"theta/{r}": theta[:, i] for i, r in enumerate(terms)})
     record.update({f"angle/{l}": metrics["angle"][:, l] for l in range(metrics["angle"].shape[1])})
     record.update({f"orth/{l + 1}": metrics["orth"][:, l] for l in range(metrics["orth"].shape[1])})
-    return {key: value.detach().double().cpu() for key, value in record.items()}
+    # A copy: Θ changes in place at the optimizer step, after the record is taken.
+    return {key: value.detach().double().cpu().clone() for key, value in record.items()}
+
+
+def flag_diverged(record: dict[str, torch.Tensor], diverged: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Add ``meta/diverged`` (1.0 or 0.0 per trial) and blank the results of diverged trials.
+
+    A diverged trial's losses, accuracy, angles and orthonormality errors become NaN
+    here (they are not results), while its ``theta/<r>`` keep its last finite Θ.
+    """
+    diverged = diverged.detach().bool().cpu()
+    flagged = {"meta/diverged": diverged.double()}
+    for key, values in record.items():
+        flagged[key] = values if key.startswith("theta/") else values.masked_fill(diverged, float("nan"))
+    return flagged
 
 
 def logged_scalars(record: dict[str, torch.Tensor], trial_ids: list[int]) -> dict[str, float]:
-    """Mean over trials under each key, and each trial under ``<key>/trial_<i>``."""
+    """Mean over trials under each key, and each trial under ``<key>/trial_<i>``.
+
+    With a ``meta/diverged`` column the results of diverged trials are left out: the
+    means run over the finite trials (a key is dropped when none is left) and a
+    diverged trial logs only its flag and its Θ, so no NaN reaches W&B as a result.
+    """
+    diverged = record.get("meta/diverged", torch.zeros(len(trial_ids))).bool()
     scalars = {}
     for key, values in record.items():
-        scalars[key] = float(values.mean())
-        scalars.update({f"{key}/trial_{t}": float(v) for t, v in zip(trial_ids, values.tolist())})
+        keep = torch.ones_like(diverged) if key == "meta/diverged" or key.startswith("theta/") else ~diverged
+        if keep.any():
+            scalars[key] = float(values[keep].mean())
+        scalars.update(
+            {f"{key}/trial_{t}": float(v) for t, v, k in zip(trial_ids, values.tolist(), keep) if k}
+        )
     return scalars
 
 
 class EpisodeCSV:
-    """``metrics.csv``: one row per episode and trial, flushed each episode, resumable."""
+    """``metrics.csv``: one row per episode and trial, rewritten atomically each episode, resumable.
+
+    The whole file is written to a temporary file and renamed (metaplast.safety), so a
+    crash leaves the previous complete file. A diverged trial's row has ``meta_diverged``
+    = 1 and empty result cells (pandas reads them as NaN); its ``theta_<r>`` are its
+    last finite Θ.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._text: str | None = None  # the file's content, so an episode costs one write, no read
+
+    def _rows(self) -> list[list[str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as handle:
+            return list(csv.reader(handle))
 
     def truncate_from(self, episode: int) -> None:
         """Drop rows of ``episode`` and later (a resumed run writes them again)."""
-        if not self.path.exists():
-            return
-        with self.path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        kept = [row for row in rows if int(row["episode"]) < episode]
+        rows = self._rows()
         if rows:
-            self._write_atomically(list(rows[0].keys()), kept)
+            header = rows[0]
+            kept = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) < episode]
+            self._write([header, *kept])
 
-    def _write_atomically(self, columns, rows) -> None:
-        temporary = self.path.with_suffix(".csv.tmp")
-        with temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, self.path)
+    def _write(self, rows: list[list[str]], append: bool = False) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(rows)
+        text = (self._text if append else "") + buffer.getvalue()
+        write_text(self.path, text)
+        self._text = text
 
     def append(self, episode: int, trial_ids: list[int], record: dict[str, torch.Tensor]) -> None:
         columns = ["episode", "trial", *[key.replace("/", "_") for key in record]]
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as handle:
-            writer = csv.writer(handle)
-            if fresh:
-                writer.writerow(columns)
-            values = [v.tolist() for v in record.values()]
-            for index, trial in enumerate(trial_ids):
-                writer.writerow([episode, trial, *[repr(float(v[index])) for v in values]])
+        if self._text is None:
+            self._text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        rows = [] if self._text else [columns]
+        diverged = record.get("meta/diverged", torch.zeros(len(trial_ids))).tolist()
+        values = [v.tolist() for v in record.values()]
+        for index, trial in enumerate(trial_ids):
+            cells = [_cell(key, v[index], diverged[index]) for key, v in zip(record, values)]
+            rows.append([episode, trial, *cells])
+        self._write(rows, append=True)
+
+
+def _cell(key: str, value: float, diverged: float) -> str:
+    """``repr`` of the value; the flag as 0/1; empty for a diverged trial's results."""
+    if key == "meta/diverged":
+        return str(int(value))
+    if diverged and not key.startswith("theta/"):
+        return ""
+    return repr(float(value))
 
 
 def wandb_mode(requested: str) -> str:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from metaplast.config import ConfigError, hidden_sizes, register, validate
 from metaplast.data import DataError, load_dataset
 from metaplast.module import MetaPlasticity
+from metaplast.safety import CheckpointError, DivergenceError, SafeCheckpointIO
 from metaplast.tracking import wandb_mode
 
 log = logging.getLogger("metaplast")
@@ -63,6 +64,7 @@ def build_module(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
             beta=cfg.model.beta,
             remap_labels=cfg.model.remap_labels,
             csv_path=str(run_dir / "metrics.csv") if cfg.logger.csv else None,
+            max_diverged=meta.max_diverged,
         )
     except ValueError as error:  # the task sampler's checks of M, K and Q against the data
         raise ConfigError(f"meta.{error} (dataset {cfg.dataset.name!r})") from None
@@ -113,16 +115,19 @@ def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
         precision=precision,
         logger=logger,
         callbacks=[checkpoints],
+        plugins=[SafeCheckpointIO()],  # atomic fsync'd saves, weights_only=True loads
         log_every_n_steps=1,
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(run_dir),
     )
-    trainer.fit(module, ckpt_path=cfg.ckpt_path)
-    if logger:
-        import wandb
+    try:
+        trainer.fit(module, ckpt_path=cfg.ckpt_path, weights_only=True)
+    finally:
+        if logger:
+            import wandb
 
-        wandb.finish()
+            wandb.finish()
     return module
 
 
@@ -130,10 +135,10 @@ def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError, DivergenceError) as error:
         log.error("%s", error)
         print(f"metaplast: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(3 if isinstance(error, DivergenceError) else 2) from None
 
 
 if __name__ == "__main__":

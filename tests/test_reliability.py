@@ -1,0 +1,358 @@
+"""Reliability (issue 6): divergence, data faults, interrupted writes, unsafe checkpoints, secrets."""
+
+import csv
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import CONF, TINY, run_cli
+from metaplast import safety
+from metaplast.data import DataError, generate_glyphs, load_dataset, write_idx
+from metaplast.data.glyphs import glyphs_cache_path
+from metaplast.safety import CheckpointError, DivergenceError, load_checkpoint
+from metaplast.tracking import EpisodeCSV, flag_diverged, logged_scalars
+from metaplast.train import build_module, run
+from wandb_file import offline_run_file, summary
+
+HUGE = 1e30  # θ of the e e^T term (ehebb): the weights overflow float32 within one episode
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def fit(module, run_dir, episodes):
+    trainer = L.Trainer(
+        max_steps=episodes,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module)
+    return trainer
+
+
+def three_trials(make_cfg, run_dir, huge=None, max_diverged=10):
+    run_dir.mkdir()
+    module = build_module(
+        make_cfg("rule=ehebb", "meta.trials=3", f"meta.max_diverged={max_diverged}"), run_dir
+    )
+    if huge is not None:
+        with torch.no_grad():
+            module.theta[1, module.rule.terms.index(2)] = huge
+    return module
+
+
+# --- 1. divergence --------------------------------------------------------------------------------
+
+
+def test_diverging_trial_is_frozen_and_flagged_and_the_others_are_unaffected(make_cfg, tmp_path):
+    clean = three_trials(make_cfg, tmp_path / "clean")
+    fit(clean, tmp_path / "clean", 3)
+    module = three_trials(make_cfg, tmp_path / "huge", huge=HUGE)
+    frozen_row = module.theta.detach().clone()[1]
+    trainer = fit(module, tmp_path / "huge", 3)
+
+    theta = module.theta.detach()
+    assert torch.equal(theta[1], frozen_row)  # Θ row exactly as it was
+    adam = trainer.optimizers[0].state[module.theta]
+    assert int(adam["step"]) == 3  # the other trials stepped
+    for key in ("exp_avg", "exp_avg_sq"):  # ... but Adam's moments of trial 1 never moved
+        assert torch.equal(adam[key][1], torch.zeros_like(adam[key][1])), key
+        assert adam[key][[0, 2]].abs().sum() > 0
+    assert torch.equal(theta[[0, 2]], clean.theta.detach()[[0, 2]])
+    assert theta.isfinite().all()
+    assert module.diverged_streak == [0, 3, 0]
+
+    rows, reference = (
+        read_csv(tmp_path / "huge" / "metrics.csv"),
+        read_csv(tmp_path / "clean" / "metrics.csv"),
+    )
+    assert len(rows) == len(reference) == 9
+    for row, ref in zip(rows, reference):
+        if row["trial"] == "1":
+            assert row["meta_diverged"] == "1"
+            assert row["meta_loss"] == row["meta_acc"] == row["angle_0"] == row["orth_3"] == ""
+            assert float(row["theta_2"]) == pytest.approx(HUGE, rel=1e-6)  # the last finite Θ
+        else:
+            assert row == ref  # bit-identical text: the other trials never saw trial 1
+
+
+def test_logged_scalars_leave_out_diverged_results():
+    record = {
+        "meta/loss": torch.tensor([1.0, float("nan"), 3.0]),
+        "theta/0": torch.tensor([0.1, 0.2, 0.3]),
+    }
+    scalars = logged_scalars(flag_diverged(record, torch.tensor([False, True, False])), [0, 1, 2])
+    assert scalars["meta/loss"] == 2.0  # mean over the finite trials
+    assert "meta/loss/trial_1" not in scalars
+    assert scalars["theta/0/trial_1"] == pytest.approx(0.2)
+    assert scalars["meta/diverged"] == pytest.approx(1 / 3)
+    assert scalars["meta/diverged/trial_1"] == 1.0
+    assert all(math.isfinite(v) for v in scalars.values())
+    everything = flag_diverged(record, torch.tensor([True, True, True]))
+    assert set(logged_scalars(everything, [0, 1, 2])) >= {"theta/0", "meta/diverged"}
+    assert "meta/loss" not in logged_scalars(everything, [0, 1, 2])
+
+
+def test_a_streak_of_diverged_episodes_stops_the_run_naming_trial_episode_and_theta(make_cfg, tmp_path):
+    module = three_trials(make_cfg, tmp_path / "run", huge=HUGE, max_diverged=2)
+    with pytest.raises(DivergenceError) as caught:
+        fit(module, tmp_path / "run", 5)
+    message = str(caught.value)
+    assert "trial 1 diverged" in message
+    assert "in 2 consecutive episodes, the last being episode 1 (meta.max_diverged=2)" in message
+    assert "last finite Θ: theta_0=0.001, theta_2=1e+30" in message
+    assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 2 * 3  # both episodes were written
+
+
+def test_cli_divergence_exits_3_and_keeps_nan_and_the_api_key_out_of_every_file(tmp_path, monkeypatch):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *TINY,
+        "logger=wandb",
+        "logger.mode=offline",
+        "rule=ehebb",
+        f"rule.theta_init={HUGE}",  # every trial diverges
+        "meta.max_diverged=2",
+        "trainer.checkpoint_every=1",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "metaplast: error: trial 0 diverged" in result.stderr
+    assert "Traceback" not in result.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["state_dict"]["theta"].isfinite().all()
+    assert ckpt["metaplast_diverged_streak"] == [2, 2]
+    keys = summary(offline_run_file(run_dir))
+    assert float(keys["meta/diverged"]) == 1.0
+    assert "meta/loss" not in keys and "meta/acc" not in keys  # no result, not a NaN result
+    assert all(row["meta_loss"] == "" for row in read_csv(run_dir / "metrics.csv"))
+
+
+# --- 2. data faults -------------------------------------------------------------------------------
+
+
+def idx_dir(root, images=5, labels=5):
+    root.mkdir()
+    write_idx(root / "t10k-images-idx3-ubyte", torch.zeros(images, 4, 4, dtype=torch.uint8))
+    write_idx(root / "t10k-labels-idx1-ubyte", torch.arange(labels, dtype=torch.uint8) % 2)
+    return root
+
+
+def truncate(path, cut=10):
+    path.write_bytes(path.read_bytes()[:-cut])
+
+
+def pad(path, extra=3):
+    path.write_bytes(path.read_bytes() + b"\0" * extra)
+
+
+def bad_magic(path):
+    path.write_bytes(b"\x08\x08" + path.read_bytes()[2:])
+
+
+def corrupt_gzip(path):
+    data = gzip.compress(path.read_bytes())
+    path.unlink()
+    path.with_name(path.name + ".gz").write_bytes(data[: len(data) // 2])
+
+
+def swap_labels_for_images(path):
+    write_idx(path, torch.zeros(5, 4, 4, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "fault, file, message",
+    [
+        (
+            truncate,
+            "images",
+            r"t10k-images-idx3-ubyte: shape \(5, 4, 4\) of uint8 needs 80 payload bytes, found 70",
+        ),
+        (pad, "labels", r"t10k-labels-idx1-ubyte: shape \(5,\) of uint8 needs 5 payload bytes, found 8"),
+        (bad_magic, "images", r"t10k-images-idx3-ubyte: bad magic number 0x08080803; expected 0x0000TTDD"),
+        (corrupt_gzip, "images", r"t10k-images-idx3-ubyte.gz: cannot decompress"),
+        (
+            Path.unlink,
+            "labels",
+            r"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte \(optionally .gz\) not found",
+        ),
+        (
+            swap_labels_for_images,
+            "labels",
+            r"label file .*t10k-labels-idx1-ubyte: expected 1 dimension, found 3",
+        ),
+    ],
+)
+def test_each_data_fault_names_the_file_and_what_was_expected(make_cfg, tmp_path, fault, file, message):
+    root = idx_dir(tmp_path / "data")
+    fault(root / f"t10k-{file}-idx{3 if file == 'images' else 1}-ubyte")
+    with pytest.raises(DataError, match=message):
+        build_module(
+            make_cfg("dataset=idx", f"dataset.root={root}", "meta.M=2", "meta.K=1", "meta.Q=1"), tmp_path
+        )
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_image_and_label_counts_must_agree(tmp_path):
+    root = idx_dir(tmp_path / "data", images=5, labels=4)
+    with pytest.raises(DataError, match=r"5 images in .*t10k-images-idx3-ubyte but 4 labels in .*labels"):
+        load_dataset("idx", root)
+
+
+def test_concurrent_jobs_build_one_glyph_cache_and_a_corrupt_cache_is_rebuilt(tmp_path):
+    code = "import sys; from metaplast.data import load_glyphs; load_glyphs(sys.argv[1], per_class=1, seed=7)"
+    jobs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(2)]
+    assert [job.wait(timeout=120) for job in jobs] == [0, 0]
+    expected = generate_glyphs(1, seed=7)
+    path = glyphs_cache_path(tmp_path, 1, 7)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    cached = torch.load(path, weights_only=True)
+    assert torch.equal(cached["images"], expected[0])
+    truncate(path, 100)  # a job killed while writing by hand, or a bad disk
+    assert torch.equal(load_dataset("glyphs", tmp_path, seed=7, per_class=1).labels, expected[1])
+    assert torch.equal(torch.load(path, weights_only=True)["images"], expected[0])
+
+
+# --- 3. interrupted writes ------------------------------------------------------------------------
+
+KILLER = """
+import io, os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import TINY
+from hydra import compose, initialize_config_dir
+from metaplast import safety
+from metaplast.config import register
+from metaplast.train import run
+from pathlib import Path
+
+original, calls = safety.save_torch, [0]
+
+def dying_save(obj, path):
+    calls[0] += 1
+    if calls[0] == 4:  # episode-3, last (episode 3), episode-6, then last.ckpt of episode 6
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        with safety.atomic_write(path) as handle:
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    original(obj, path)
+
+safety.save_torch = dying_save
+register()
+with initialize_config_dir({conf!r}, version_base="1.3"):
+    cfg = compose("config", overrides=[*TINY, *{overrides!r}])
+run(cfg, Path({run_dir!r}))
+"""
+
+
+def test_a_checkpoint_write_killed_midway_leaves_a_resumable_run(make_cfg, tmp_path):
+    overrides = ["rule=bio", "meta.episodes=6", "trainer.checkpoint_every=3"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    straight.mkdir()
+    crashed.mkdir()
+    run(make_cfg(*overrides), straight)
+    script = KILLER.format(
+        tests=str(Path(__file__).parent), conf=str(CONF), overrides=overrides, run_dir=str(crashed)
+    )
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    checkpoints = crashed / "checkpoints"
+    leftovers = [p.name for p in checkpoints.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.")  # the torn write
+    last = load_checkpoint(checkpoints / "last.ckpt")  # still the complete episode-3 version
+    assert last["global_step"] == 3
+    with pytest.raises(CheckpointError, match=r"\.tmp is truncated or corrupt"):
+        load_checkpoint(checkpoints / leftovers[0])
+
+    run(make_cfg(*overrides, f"ckpt_path={checkpoints / 'last.ckpt'}"), crashed)
+    assert (crashed / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
+    final = [
+        load_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"]["theta"] for d in (straight, crashed)
+    ]
+    assert torch.equal(*final)
+
+
+def test_a_failed_csv_write_leaves_the_previous_complete_file(tmp_path, monkeypatch):
+    table = EpisodeCSV(tmp_path / "metrics.csv")
+    record = flag_diverged({"meta/loss": torch.tensor([0.5, 0.25])}, torch.tensor([False, True]))
+    table.append(0, [0, 1], record)
+    before = (tmp_path / "metrics.csv").read_bytes()
+    assert before == b"episode,trial,meta_diverged,meta_loss\r\n0,0,0,0.5\r\n0,1,1,\r\n"
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safety.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        table.append(1, [0, 1], record)
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+# --- 5. security ----------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run(make_cfg("meta.episodes=1", "trainer.checkpoint_every=1"), run_dir)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # our own checkpoints are plain data
+    marker = tmp_path / "pwned"
+    ckpt["hyper_parameters"]["extra"] = Payload(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    with pytest.raises(
+        CheckpointError, match=r"evil.ckpt holds something other than tensors.*weights_only=True"
+    ):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
+        run(make_cfg("meta.episodes=2", f"ckpt_path={evil}"), run_dir)
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.read_text() == "pwned"
+
+
+def test_missing_and_truncated_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nothing.ckpt does not exist"):
+        load_checkpoint(tmp_path / "nothing.ckpt")
+    safety.save_torch({"theta": torch.ones(2)}, tmp_path / "a.ckpt")
+    assert json.dumps(load_checkpoint(tmp_path / "a.ckpt")["theta"].tolist()) == "[1.0, 1.0]"
+    truncate(tmp_path / "a.ckpt", 50)
+    with pytest.raises(CheckpointError, match=r"a.ckpt is truncated or corrupt"):
+        load_checkpoint(tmp_path / "a.ckpt")
+    assert oct(os.stat(tmp_path / "a.ckpt").st_mode & 0o777) == "0o644"
