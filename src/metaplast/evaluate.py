@@ -1,0 +1,246 @@
+"""``python -m metaplast.evaluate``: online evaluation of a fixed rule (Figs. 1, S1, S4, S6; DESIGN §3).
+
+Fresh networks (one per trial, batched) learn in a single online pass over a
+stream of a dataset with all its classes, one sample per step, with a fixed Θ
+given on the command line (``theta={0:0.01,2:-0.02}``) or read from a finished
+meta-training run (``from_run=RUN_DIR``). Every ``online.every`` samples the
+test accuracy, loss, α_ℓ and E_W,ℓ of every trial go to ``online.csv``.
+The update is :func:`metaplast.episode.inner_loop`, the metrics
+:func:`metaplast.metrics.episode_metrics`: the same code as meta-training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metaplast.config import (
+    ConfigError,
+    DatasetConfig,
+    FeedbackConfig,
+    ModelConfig,
+    RuleConfig,
+    build_rule,
+    hidden_sizes,
+)
+from metaplast.data import DataError
+from metaplast.episode import Rule, inner_loop
+from metaplast.feedback import init_feedback
+from metaplast.metrics import episode_metrics
+from metaplast.module import stream_seed
+from metaplast.network import init_weights
+from metaplast.rules import TERM_IDS
+from metaplast.train import load_data
+
+log = logging.getLogger("metaplast")
+
+
+@dataclass
+class OnlineConfig:
+    trials: int = 20
+    samples: int | None = None  # length of the stream; None: the whole stream split
+    every: int = 100  # k: test every k samples
+    stream_split: str = "train"
+    test_split: str = "test"
+    test_per_class: int | None = None  # None: the whole test split
+
+
+@dataclass
+class EvaluateConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    theta: Any = None  # θ_r by term id; the rule picks its terms
+    from_run: str | None = None  # a meta-training run directory: its rule and final Θ
+    from_trial: int | None = None  # which trial's Θ of from_run; None: the mean over trials
+    seed: int = 0
+
+
+ConfigStore.instance().store(name="base_evaluate", node=EvaluateConfig)
+
+
+def theta_from_run(run_dir: str | Path, trial: int | None = None) -> tuple[Rule, dict[int, float]]:
+    """The rule and final Θ of a meta-training run: ``checkpoints/last.ckpt``, else ``metrics.csv``
+
+    (whose last row holds the Θ the last episode used, one Adam step before the checkpoint's).
+    """
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        layer_terms = tuple(tuple(t) for t in state["hyper_parameters"]["layer_terms"])
+        terms = tuple(sorted(set().union(*layer_terms)))
+        theta = state["state_dict"]["theta"].double()
+        first = state["hyper_parameters"].get("first_trial", 0)
+        values = theta.mean(0) if trial is None else theta[_trial_row(trial, first, theta.shape[0])]
+        return Rule(terms, layer_terms), dict(zip(terms, values.tolist()))
+    metrics = run_dir / "metrics.csv"
+    if not metrics.exists():
+        raise ConfigError(f"from_run={str(run_dir)!r} has neither checkpoints/last.ckpt nor metrics.csv")
+    frame = pd.read_csv(metrics)
+    last = frame[frame["episode"] == frame["episode"].max()]
+    if trial is not None:
+        last = last[last["trial"] == trial]
+        if last.empty:
+            raise ConfigError(f"from_trial={trial} is not a trial of {run_dir}")
+    terms = tuple(sorted(int(c.split("_")[1]) for c in frame.columns if c.startswith("theta_")))
+    values = {r: float(last[f"theta_{r}"].mean()) for r in terms}
+    return Rule(terms, (terms,) * _depth_from_csv(frame)), values
+
+
+def _trial_row(trial: int, first: int, count: int) -> int:
+    if not first <= trial < first + count:
+        raise ConfigError(f"from_trial={trial} is not allowed; allowed: {first}..{first + count - 1}")
+    return trial - first
+
+
+def _depth_from_csv(frame: pd.DataFrame) -> int:
+    return sum(1 for c in frame.columns if c.startswith("orth_"))
+
+
+def resolve_theta(cfg, depth: int) -> tuple[Rule, torch.Tensor]:
+    """The rule and the Θ row (one value per rule term) of an evaluation config."""
+    if cfg.theta is not None and not isinstance(cfg.theta, Mapping):
+        raise ConfigError(
+            f"theta={cfg.theta!r} is not allowed; allowed: a mapping term id -> θ, e.g. {{0:0.01}}"
+        )
+    if cfg.from_run is not None:
+        rule, values = theta_from_run(cfg.from_run, cfg.from_trial)
+        if len(rule.layer_terms) != depth:
+            if len(set(rule.layer_terms)) > 1:
+                raise ConfigError(
+                    f"from_run={cfg.from_run!r} has one rule per layer for {len(rule.layer_terms)} layers "
+                    f"but this network has {depth}; use its model (model.hidden)"
+                )
+            rule = Rule(rule.terms, (rule.terms,) * depth)
+        values.update({int(r): float(v) for r, v in (cfg.theta or {}).items()})
+    else:
+        rule = build_rule(cfg)
+        values = {r: (cfg.rule.theta0_init if r == 0 else cfg.rule.theta_init) for r in rule.terms}
+        values.update({int(r): float(v) for r, v in (cfg.theta or {}).items()})
+    bad = sorted(set(values) - set(TERM_IDS))
+    if bad:
+        raise ConfigError(f"theta has term ids {bad}; allowed: term ids 0..9")
+    return rule, torch.tensor([values[r] for r in rule.terms])
+
+
+def _subsample_per_class(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
+    picks = []
+    for c in torch.unique(labels).tolist():
+        indices = torch.nonzero(labels == c).flatten()
+        picks.append(indices[torch.randperm(len(indices), generator=generator)[:per_class]])
+    return torch.cat(picks)
+
+
+@torch.no_grad()
+def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
+    """The online pass; writes ``online.csv`` and ``theta.json`` under ``out_dir`` and returns the table."""
+    online = cfg.online
+    for name in ("trials", "every"):
+        if getattr(online, name) < 1:
+            raise ConfigError(
+                f"online.{name}={getattr(online, name)} is not allowed; allowed: an integer >= 1"
+            )
+    if online.samples is not None and online.samples < 1:
+        raise ConfigError(f"online.samples={online.samples} is not allowed; allowed: null or an integer >= 1")
+    hidden = hidden_sizes(cfg.model)
+    rule, theta_row = resolve_theta(cfg, len(hidden) + 1)
+    stream = load_data(OmegaConf.merge(cfg, {"dataset": {"split": online.stream_split}}))
+    test = load_data(OmegaConf.merge(cfg, {"dataset": {"split": online.test_split}}))
+    sizes = [stream.images.shape[1], *hidden, stream.num_classes]
+    trials = list(range(online.trials))
+    init_generators = [torch.Generator().manual_seed(stream_seed(cfg.seed, t, 0)) for t in trials]
+    order_generators = [torch.Generator().manual_seed(stream_seed(cfg.seed, t, 1)) for t in trials]
+    length = stream.images.shape[0] if online.samples is None else online.samples
+    if length > stream.images.shape[0]:
+        raise ConfigError(
+            f"online.samples={length} is not allowed; allowed: at most {stream.images.shape[0]}, "
+            f"the size of the {online.stream_split!r} split of {cfg.dataset.name!r}"
+        )
+    order = torch.stack(
+        [torch.randperm(stream.images.shape[0], generator=g)[:length] for g in order_generators]
+    )
+    x_test, y_test = test.images, test.labels
+    if online.test_per_class is not None:
+        keep = _subsample_per_class(y_test, online.test_per_class, torch.Generator().manual_seed(cfg.seed))
+        x_test, y_test = x_test[keep], y_test[keep]
+    T = len(trials)
+    x_test = x_test.expand(T, *x_test.shape)
+    y_test = y_test.expand(T, *y_test.shape)
+    weights = init_weights(sizes, init_generators)
+    kind = cfg.feedback.kind.value if hasattr(cfg.feedback.kind, "value") else str(cfg.feedback.kind)
+    init = cfg.feedback.init.value if hasattr(cfg.feedback.init, "value") else str(cfg.feedback.init)
+    feedback = init_feedback(kind, sizes, init_generators, init)
+    theta = theta_row.expand(T, -1)
+    beta = cfg.model.beta
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "theta.json").write_text(
+        json.dumps(
+            {
+                "terms": list(rule.terms),
+                "layer_terms": [list(t) for t in rule.layer_terms],
+                "theta": theta_row.tolist(),
+                "feedback": kind,
+                "dataset": cfg.dataset.name,
+                "synthetic": stream.synthetic,
+            },
+            indent=1,
+        )
+    )
+    rows = []
+    seen = 0
+    while True:
+        metrics = episode_metrics(weights, feedback, kind, x_test, y_test, beta)
+        log.info("sample %d/%d: test accuracy %.3f", seen, length, float(metrics["acc"].mean()))
+        for i, t in enumerate(trials):
+            row = {
+                "sample": seen,
+                "trial": t,
+                "acc": float(metrics["acc"][i]),
+                "loss": float(metrics["loss"][i]),
+            }
+            row.update({f"angle_{l}": float(a) for l, a in enumerate(metrics["angle"][i])})
+            row.update({f"orth_{l + 1}": float(e) for l, e in enumerate(metrics["orth"][i])})
+            rows.append(row)
+        if seen >= length:
+            break
+        chunk = order[:, seen : seen + online.every]
+        x = stream.images[chunk]
+        y = stream.labels[chunk]
+        weights = inner_loop(theta, rule, weights, feedback, kind, x, y, beta, True)
+        seen += chunk.shape[1]
+    table = pd.DataFrame(rows)
+    table.to_csv(out_dir / "online.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    return table
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        table = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, DataError) as error:
+        log.error("%s", error)
+        print(f"metaplast: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    final = table[table["sample"] == table["sample"].max()]
+    print(f"final test accuracy: {final['acc'].mean():.4f} (mean over {len(final)} trials)")
+
+
+if __name__ == "__main__":
+    main()
