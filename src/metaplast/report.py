@@ -246,9 +246,11 @@ def summary_table(runs: list[Run], last: int) -> pd.DataFrame:
     for run in runs:
         table = run.table
         tail = table[table["episode"] > table["episode"].max() - last]
-        per_trial = tail.groupby("trial")[["meta_acc", "meta_loss"]].mean()
+        per_trial = tail.groupby("trial")[["meta_acc", "meta_loss"]].mean().dropna()  # diverged: NaN
         row = {"run": run.label, "dir": str(run.path), "episodes": int(table["episode"].max()) + 1}
         row["trials"] = len(per_trial)
+        if "meta_diverged" in table:
+            row["diverged"] = int(table.groupby("trial")["meta_diverged"].max().sum())
         for column in ("meta_acc", "meta_loss"):
             low, high = bootstrap_ci(per_trial[column].to_numpy())
             row.update({column: per_trial[column].mean(), f"{column}_low": low, f"{column}_high": high})

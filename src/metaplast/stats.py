@@ -74,7 +74,7 @@ def mann_whitney_per_episode(
     shared = sorted(set(first["episode"]) & set(second["episode"]))
     by_first, by_second = first.groupby("episode"), second.groupby("episode")
     for episode in shared:
-        a = by_first.get_group(episode)[column].to_numpy(dtype=float)
-        b = by_second.get_group(episode)[column].to_numpy(dtype=float)
+        a = by_first.get_group(episode)[column].dropna().to_numpy(dtype=float)  # diverged trials: NaN
+        b = by_second.get_group(episode)[column].dropna().to_numpy(dtype=float)
         rows.append({"episode": episode, "p": mann_whitney(a, b, alternative)})
     return pd.DataFrame(rows, columns=["episode", "p"])
