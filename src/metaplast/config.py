@@ -8,6 +8,7 @@ checks that need more than a type live in :func:`validate`. Defaults live in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -198,6 +199,9 @@ def validate(cfg) -> Rule:
         _fail("meta.first_trial", cfg.meta.first_trial, "an integer >= 0")
     if cfg.meta.max_diverged < 1:
         _fail("meta.max_diverged", cfg.meta.max_diverged, "an integer >= 1")
+    for name in ("meta.lr", "reg.lam", "model.beta", "rule.theta0_init", "rule.theta_init"):
+        if not math.isfinite(OmegaConf.select(cfg, name)):
+            _fail(name, OmegaConf.select(cfg, name), "a finite number")
     if not cfg.meta.lr > 0:
         _fail("meta.lr", cfg.meta.lr, "a positive learning rate")
     if not cfg.reg.lam >= 0:

@@ -116,10 +116,10 @@ class MetaPlasticity(L.LightningModule):
             [w.detach() for w in adapted], feedback, hp.feedback, x_query, y_query, hp.beta
         )
         record = episode_record(self.theta, self.rule.terms, metrics, loss)
-        # Divergence (issue 6): non-finite activations end up in the weights or the loss.
+        # Divergence (issue 6): non-finite activations show in the weights, the loss or the metrics.
         finite = loss.detach().isfinite()
-        for weight in adapted:
-            finite &= weight.detach().flatten(1).isfinite().all(1)
+        for value in [*adapted, *metrics.values()]:
+            finite &= value.detach().reshape(len(finite), -1).isfinite().all(1)
         self._episode = (self.global_step, record, finite)  # logged in on_train_batch_end
         return torch.where(finite, loss, torch.zeros_like(loss)).sum()
 
