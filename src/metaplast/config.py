@@ -119,6 +119,7 @@ class TrainerConfig:
     precision: str = "32-true"
     checkpoint_every: int = 50
     progress_bar: bool = True
+    recompute_segment: int = 16
 
 
 @dataclass
@@ -214,4 +215,6 @@ def validate(cfg) -> Rule:
         _fail("trainer.precision", cfg.trainer.precision, ", ".join(PRECISIONS))
     if cfg.trainer.checkpoint_every < 1:
         _fail("trainer.checkpoint_every", cfg.trainer.checkpoint_every, "an integer >= 1")
+    if cfg.trainer.recompute_segment < 0:
+        _fail("trainer.recompute_segment", cfg.trainer.recompute_segment, "0 (keep every W) or an integer >= 1")
     return build_rule(cfg)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from metaplast.feedback import backward_matrices, teaching_signals
 from metaplast.network import BETA, forward
-from metaplast.rules import expand_theta, plasticity_update, resolve_rule
+from metaplast.rules import USES_WT_Y, apply_update, expand_theta, resolve_rule, update_factors
 
 REGULARISERS = ("none", "l1", "l2")
 
@@ -37,6 +38,190 @@ class Rule:
         return cls(tuple(sorted(set().union(*layer_terms))), layer_terms)
 
 
+def _step_factors(weights, feedback, thetas, rule, kind, x, label, beta, grad_through_b, product=None):
+    """One online step up to the update: per layer ``(left, right, decay)`` of :func:`update_factors`.
+
+    Errors of all layers come from one forward pass before any weight changes.
+    ``product(v, index, transposed)`` computes ``v W_index^T`` (transposed) or
+    ``v W_index``; the default is a plain batched product.
+    """
+    if product is None:
+
+        def product(v, index, transposed):
+            weight = weights[index]
+            return v @ (weight.transpose(-1, -2) if transposed else weight)
+
+    ys, zs = forward(weights, x, beta, linear=lambda v, i: product(v, i, True))
+    width = weights[-1].shape[1]
+    output_error = ys[-1] - F.one_hot(label, width).to(ys[-1].dtype)
+    matrices = backward_matrices(kind, weights, feedback, grad_through_b)
+    send = None
+    if kind == "bp":  # e B^T = e W; without grad_through_b the matrix is a constant (a plain product)
+        send = (lambda e, i: product(e, i, False)) if grad_through_b else None
+    es = teaching_signals(kind, matrices, ys, output_error, beta, send=send)
+    return [
+        update_factors(
+            th,
+            terms,
+            ys[i],
+            ys[i + 1],
+            es[i],
+            es[i + 1],
+            zs[i],
+            product(ys[i + 1], i, False) if USES_WT_Y & set(terms) else None,
+        )
+        for i, (th, terms) in enumerate(zip(thetas, rule.layer_terms))
+    ]
+
+
+def _unrolled(theta, rule, weights, feedback, kind, x_train, y_train, beta, grad_through_b, keep=None):
+    """The inner loop as plain tensor code; with ``keep`` it stores ``W_t`` of the steps ``t`` in ``keep``."""
+    thetas = [expand_theta(theta, rule.terms, terms) for terms in rule.layer_terms]
+    kept = {}
+    for step in range(x_train.shape[1]):
+        if keep is not None and step in keep:
+            kept[step] = weights
+        factors = _step_factors(
+            weights,
+            feedback,
+            thetas,
+            rule,
+            kind,
+            x_train[:, step : step + 1],
+            y_train[:, step : step + 1],
+            beta,
+            grad_through_b,
+        )
+        weights = [apply_update(w, *f) for w, f in zip(weights, factors)]
+    return weights, kept
+
+
+class _Collect(torch.autograd.Function):
+    """``v W^T`` or ``v W`` whose backward passes the gradient to ``v`` and *records* the
+    rank-``B`` factors of the gradient to ``W`` in ``sink`` instead of building it; the
+    ``anchor`` (a scalar that requires grad) makes autograd visit the node."""
+
+    @staticmethod
+    def forward(ctx, v, weight, anchor, sink, transposed):
+        ctx.save_for_backward(v, weight)
+        ctx.sink, ctx.transposed = sink, transposed
+        return v @ (weight.transpose(-1, -2) if transposed else weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, weight = ctx.saved_tensors
+        if ctx.transposed:  # out = v W^T: dW = grad^T v
+            ctx.sink.append((grad, v))
+            grad_v = grad @ weight
+        else:  # out = v W: dW = v^T grad
+            ctx.sink.append((v, grad))
+            grad_v = grad @ weight.transpose(-1, -2)
+        return grad_v, None, torch.zeros((), dtype=grad.dtype, device=grad.device), None, None
+
+
+class _InnerLoop(torch.autograd.Function):
+    """The inner loop with a hand-scheduled backward (reverse-mode through every step, exact).
+
+    Per step the small vector part (forward pass, errors, the factors of the
+    update) is re-run under autograd; everything of the size of ``W`` is done
+    here: ``dL/dW_t = (1 - θ_3) dL/dW_{t+1} + A^T C`` in one batched product,
+    where the rows of ``A, C`` are the factors recorded by :class:`_Collect`.
+    Only the ``W_t`` at segment starts are kept; the others are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, spec, theta, x_train, y_train, *tensors):
+        rule, kind, beta, grad_through_b, segment, depth = spec
+        weights, feedback = list(tensors[:depth]), list(tensors[depth:])
+        steps = x_train.shape[1]
+        keep = set(range(0, steps, segment))
+        adapted, kept = _unrolled(
+            theta, rule, weights, feedback, kind, x_train, y_train, beta, grad_through_b, keep
+        )
+        ctx.spec, ctx.kept = spec, kept
+        ctx.save_for_backward(theta, x_train, y_train, *feedback)
+        return tuple(adapted)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_adapted):
+        rule, kind, beta, grad_through_b, segment, depth = ctx.spec
+        theta, x_train, y_train, *feedback = ctx.saved_tensors
+        grads = [g.clone() for g in grad_adapted]  # dL/dW_t, updated in place step by step
+        grad_theta = torch.zeros_like(theta)
+        steps = x_train.shape[1]
+        args = (rule, kind, x_train, y_train, beta, grad_through_b)
+        for start in reversed(range(0, steps, segment)):
+            stop = min(start + segment, steps)
+            with torch.no_grad():  # W_start .. W_{stop-1}, from the kept W_start
+                last, inside = _unrolled(
+                    theta,
+                    rule,
+                    ctx.kept[start],
+                    feedback,
+                    kind,
+                    x_train[:, start : stop - 1],
+                    y_train[:, start : stop - 1],
+                    beta,
+                    grad_through_b,
+                    keep=range(stop - start - 1),
+                )
+            segment_weights = [inside[i] for i in range(stop - start - 1)] + [last]
+            del ctx.kept[start]
+            for step in reversed(range(start, stop)):
+                weights = segment_weights[step - start]
+                grad_theta += _backward_step(weights, feedback, theta, grads, step, *args)
+        return (
+            None,
+            grad_theta,
+            None,
+            None,
+            *(grads if any(ctx.needs_input_grad[4 : 4 + depth]) else [None] * depth),
+            *[None] * len(feedback),
+        )
+
+
+def _backward_step(weights, feedback, theta, grads, step, rule, kind, x_train, y_train, beta, grad_through_b):
+    """Turn ``dL/dW_{t+1}`` (``grads``, in place) into ``dL/dW_t``; return this step's ``dL/dΘ``."""
+    with torch.enable_grad():
+        leaf = theta.detach().requires_grad_()
+        thetas = [expand_theta(leaf, rule.terms, terms) for terms in rule.layer_terms]
+        anchors = [w.new_zeros((), requires_grad=True) for w in weights]
+        sinks = [[] for _ in weights]
+
+        def product(v, index, transposed):
+            return _Collect.apply(v, weights[index], anchors[index], sinks[index], transposed)
+
+        factors = _step_factors(
+            weights,
+            feedback,
+            thetas,
+            rule,
+            kind,
+            x_train[:, step : step + 1],
+            y_train[:, step : step + 1],
+            beta,
+            grad_through_b,
+            product,
+        )
+        outputs, grad_outputs = [], []
+        for weight, grad, (left, right, decay) in zip(weights, grads, factors):
+            if left is not None:  # W_{t+1} = ... + left^T right
+                outputs += [left, right]
+                grad_outputs += [right.detach() @ grad.transpose(1, 2), left.detach() @ grad]
+            if decay is not None:  # W_{t+1} = W_t (1 - θ_3) + ...
+                outputs.append(decay)
+                grad_outputs.append(-(grad * weight).sum((1, 2)).view_as(decay))
+        grad_theta, *_ = torch.autograd.grad(outputs, [leaf, *anchors], grad_outputs, allow_unused=True)
+    for grad, sink, (_, _, decay) in zip(grads, sinks, factors):
+        if decay is not None:
+            grad.mul_(1 - decay.detach())
+        if sink:
+            lefts, rights = zip(*sink)
+            grad.baddbmm_(torch.cat(lefts, 1).transpose(1, 2), torch.cat(rights, 1))
+    return grad_theta if grad_theta is not None else torch.zeros_like(theta)
+
+
 def inner_loop(
     theta: Tensor,
     rule: Rule,
@@ -47,25 +232,32 @@ def inner_loop(
     y_train: Tensor,
     beta: float = BETA,
     grad_through_b: bool = True,
+    recompute_segment: int = 0,
 ) -> list[Tensor]:
     """Train fresh weights online on ``x_train (T, S, d)``, one sample per step (Algorithm 1).
 
     Errors of all layers come from one forward pass before any weight changes;
-    every weight then takes ``W + Σ_r θ_r F^r``. Nothing is detached, so the
-    result is differentiable in Θ through the whole unrolled loop.
+    every weight then takes ``W + Σ_r θ_r F^r``. Nothing is detached: the result
+    is differentiable in Θ (and in the initial weights) through the whole
+    unrolled loop, with the exact gradient. ``recompute_segment = k > 0`` keeps
+    only every k-th ``W_t`` for the backward pass and recomputes the others
+    (memory ∝ S/k + k weight sets instead of S, for one more forward pass);
+    0 keeps every ``W_t``. The feedback matrices get no gradient.
     """
-    thetas = [expand_theta(theta, rule.terms, terms) for terms in rule.layer_terms]
-    width = weights[-1].shape[1]
-    for step in range(x_train.shape[1]):
-        ys, zs = forward(weights, x_train[:, step : step + 1], beta)
-        output_error = ys[-1] - F.one_hot(y_train[:, step : step + 1], width).to(ys[-1].dtype)
-        matrices = backward_matrices(kind, weights, feedback, grad_through_b)
-        es = teaching_signals(kind, matrices, ys, output_error, beta)
-        weights = [
-            plasticity_update(w, th, terms, ys[i], ys[i + 1], es[i], es[i + 1], zs[i])
-            for i, (w, th, terms) in enumerate(zip(weights, thetas, rule.layer_terms))
-        ]
-    return weights
+    if recompute_segment < 0:
+        raise ValueError(
+            f"recompute_segment={recompute_segment!r} is not allowed; allowed: 0 (keep every W) or k >= 1"
+        )
+    if any(b.requires_grad for b in feedback):
+        raise ValueError(
+            "the feedback matrices must not require grad: B is fixed, the inner loop gives it no gradient"
+        )
+    needs_grad = torch.is_grad_enabled() and (theta.requires_grad or any(w.requires_grad for w in weights))
+    if not needs_grad:
+        with torch.no_grad():
+            return _unrolled(theta, rule, weights, feedback, kind, x_train, y_train, beta, grad_through_b)[0]
+    spec = (rule, kind, beta, grad_through_b, recompute_segment or 1, len(weights))
+    return list(_InnerLoop.apply(spec, theta, x_train, y_train, *weights, *feedback))
 
 
 def query_loss(weights: list[Tensor], x_query: Tensor, y_query: Tensor, beta: float = BETA) -> Tensor:

@@ -55,18 +55,21 @@ def teaching_signals(
     ys: list[Tensor],
     output_error: Tensor,
     beta: float = BETA,
+    send=None,
 ) -> list[Tensor]:
     """Errors ``[e_0..e_L]`` from one forward pass (Eq. 3), with the synthetic ``e_0`` of Eq. 24.
 
     ``output_error`` is ``e_L = softmax(z_L) - onehot(label)``; ``matrices`` come
-    from :func:`backward_matrices`.
+    from :func:`backward_matrices`. ``send(e, index)`` computes ``e B_index^T``
+    (default: a plain batched product with ``matrices[index]``).
     """
     depth = len(ys) - 1
     errors = [output_error]
     for layer in range(depth, 0, -1):  # produce e_{layer-1}
-        if kind == "dfa":
-            sent = output_error @ matrices[layer - 1].transpose(-1, -2)
+        signal = output_error if kind == "dfa" else errors[0]
+        if send is None:
+            sent = signal @ matrices[layer - 1].transpose(-1, -2)
         else:
-            sent = errors[0] @ matrices[layer - 1].transpose(-1, -2)
+            sent = send(signal, layer - 1)
         errors.insert(0, sent * softplus_slope(ys[layer - 1], beta))
     return errors

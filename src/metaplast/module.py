@@ -58,6 +58,7 @@ class MetaPlasticity(L.LightningModule):
         remap_labels: bool = False,
         csv_path: str | None = None,
         max_diverged: int = 10,
+        recompute_segment: int = 16,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["images", "labels", "csv_path", "rule"])
@@ -110,6 +111,7 @@ class MetaPlasticity(L.LightningModule):
             y_train,
             hp.beta,
             hp.grad_through_b,
+            hp.recompute_segment,
         )
         loss = query_loss(adapted, x_query, y_query, hp.beta) + hp.lam * regulariser(self.theta, hp.reg)
         metrics = episode_metrics(

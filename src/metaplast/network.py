@@ -26,14 +26,17 @@ def softplus_slope(y: Tensor, beta: float = BETA) -> Tensor:
     return -torch.expm1(-beta * y)
 
 
-def forward(weights: list[Tensor], x: Tensor, beta: float = BETA) -> tuple[list[Tensor], list[Tensor]]:
+def forward(
+    weights: list[Tensor], x: Tensor, beta: float = BETA, linear=None
+) -> tuple[list[Tensor], list[Tensor]]:
     """Forward pass (Eqs. 1-2): returns ``ys = [y_0..y_L]`` and ``zs = [z_1..z_L]``.
 
-    Hidden layers use softplus, the output ``y_L = softmax(z_L)``.
+    Hidden layers use softplus, the output ``y_L = softmax(z_L)``. ``linear(y, index)``
+    computes ``y W_index^T`` (default: a plain batched product).
     """
     ys, zs = [x], []
     for index, weight in enumerate(weights):
-        z = ys[-1] @ weight.transpose(-1, -2)
+        z = ys[-1] @ weight.transpose(-1, -2) if linear is None else linear(ys[-1], index)
         zs.append(z)
         last = index == len(weights) - 1
         ys.append(torch.softmax(z, dim=-1) if last else softplus(z, beta))

@@ -65,8 +65,11 @@ def expand_theta(theta: Tensor, terms: Sequence[int], layer_terms: Sequence[int]
     return dense.index_copy(1, torch.tensor(layer_terms), theta[:, columns])
 
 
-def plasticity_update(
-    weight: Tensor,
+#: Terms that need ``W^T y_l`` (the product ``y_l^T W`` of Eqs. 19, 20 and 23).
+USES_WT_Y = frozenset({6, 7, 9})
+
+
+def update_factors(
     theta: Tensor,
     active: Iterable[int],
     y_pre: Tensor,
@@ -74,13 +77,14 @@ def plasticity_update(
     e_pre: Tensor,
     e_post: Tensor,
     z_post: Tensor,
-) -> Tensor:
-    """``W + Σ_r θ_r F^r`` for one layer (Eqs. 5, 14-23), all trials at once.
+    wt_y: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``Σ_r θ_r F^r`` of one layer as ``(left, right, decay)``: the update is ``left^T right - decay W``.
 
-    Shapes: ``weight (T, n, m)``, ``theta (T, 10)``, ``y_pre, e_pre (T, B, m)``,
-    ``y_post, e_post, z_post (T, B, n)``. ``active`` lists the terms to compute;
-    the others are skipped (their θ is zero). With ``B > 1`` the outer products
-    are summed over the batch.
+    ``left (T, k, n)`` stacks ``e_l, y_l, 1`` (those with a non-zero right
+    vector), ``right (T, k, m)`` their right vectors a, b, c; ``decay (T, 1, 1)``
+    is θ_3 when F^3 is active. ``wt_y = y_l W`` (shape ``(T, B, m)``) is needed
+    only by F^6, F^7 and F^9. Shapes and batching as in :func:`plasticity_update`.
     """
     active = set(active)
 
@@ -92,8 +96,6 @@ def plasticity_update(
     def add(acc, value):
         return value if acc is None else acc + value
 
-    if active & {6, 7, 9}:
-        wt_y = y_post @ weight  # (W^T y_l)^T, shape (T, B, m)
     if active & {6, 7}:
         y_w_e = (wt_y * e_pre).sum(-1, keepdim=True)  # y_l^T W e_{l-1}
     if 0 in active:
@@ -116,13 +118,43 @@ def plasticity_update(
         c = -coef(4) * e_pre
 
     lefts, rights = [], []
-    for left, right in ((e_post, a), (y_post, b), (torch.ones_like(y_post), c)):
+    for left, right in ((e_post, a), (y_post, b), (None, c)):
         if right is not None:
-            lefts.append(left)
+            lefts.append(torch.ones_like(y_post) if left is None else left)
             rights.append(right)
-    base = weight * (1 - theta[:, 3, None, None]) if 3 in active else weight
+    decay = coef(3) if 3 in active else None
     if not lefts:
+        return None, None, decay
+    if len(lefts) == 1:
+        return lefts[0], rights[0], decay
+    return torch.cat(lefts, dim=1), torch.cat(rights, dim=1), decay
+
+
+def apply_update(weight: Tensor, left: Tensor | None, right: Tensor | None, decay: Tensor | None) -> Tensor:
+    """``W (1 - θ_3) + left^T right``: one batched rank-k product (no ``(n × n)`` matrix)."""
+    base = weight * (1 - decay) if decay is not None else weight
+    if left is None:
         return base
-    left = torch.cat(lefts, dim=1)
-    right = torch.cat(rights, dim=1)
     return torch.baddbmm(base, left.transpose(1, 2), right)
+
+
+def plasticity_update(
+    weight: Tensor,
+    theta: Tensor,
+    active: Iterable[int],
+    y_pre: Tensor,
+    y_post: Tensor,
+    e_pre: Tensor,
+    e_post: Tensor,
+    z_post: Tensor,
+) -> Tensor:
+    """``W + Σ_r θ_r F^r`` for one layer (Eqs. 5, 14-23), all trials at once.
+
+    Shapes: ``weight (T, n, m)``, ``theta (T, 10)``, ``y_pre, e_pre (T, B, m)``,
+    ``y_post, e_post, z_post (T, B, n)``. ``active`` lists the terms to compute;
+    the others are skipped (their θ is zero). With ``B > 1`` the outer products
+    are summed over the batch.
+    """
+    active = set(active)
+    wt_y = y_post @ weight if active & USES_WT_Y else None  # (W^T y_l)^T, shape (T, B, m)
+    return apply_update(weight, *update_factors(theta, active, y_pre, y_post, e_pre, e_post, z_post, wt_y))

@@ -65,6 +65,7 @@ def build_module(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
             remap_labels=cfg.model.remap_labels,
             csv_path=str(run_dir / "metrics.csv") if cfg.logger.csv else None,
             max_diverged=meta.max_diverged,
+            recompute_segment=cfg.trainer.recompute_segment,
         )
     except ValueError as error:  # the task sampler's checks of M, K and Q against the data
         raise ConfigError(f"meta.{error} (dataset {cfg.dataset.name!r})") from None

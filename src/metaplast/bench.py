@@ -1,0 +1,304 @@
+"""Benchmark: one meta-training episode of metaplast against the papers' original formulation.
+
+``python -m metaplast.bench`` times one episode (the inner loop of Algorithm 1 over
+``--steps`` online samples, the query loss, and the meta-gradient through the whole
+unrolled loop) for each rule × trial count × recomputation setting, and, side by
+side in the same process on the same inputs (W, B, tasks, Θ), the baseline of
+:mod:`metaplast.reference`: one trial at a time, every term built as its literal
+dense matrix, plain autograd with every ``W`` kept alive. Before timing it checks
+that both give the same adapted weights and meta-gradient.
+
+Peak memory is the peak resident set size (``resource.getrusage(...).ru_maxrss``)
+of a fresh subprocess that builds the same inputs and runs one episode of the
+configuration; on CUDA it is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from metaplast import reference
+from metaplast.episode import Rule, inner_loop, query_loss
+from metaplast.feedback import FEEDBACK_KINDS, init_feedback
+from metaplast.network import BETA, init_weights
+
+PAPER_SIZES = [784, 170, 130, 100, 70, 47]
+#: Θ of the benchmark: the paper's surviving values (Table S1) for θ_0, θ_2, θ_9, 1e-3 elsewhere.
+THETA_VALUES = {0: 1e-2, 2: -2.36e-2, 9: 4.2e-3}
+
+
+def sparse_images(trials, count, pixels, generator):
+    """Synthetic inputs in [0, 1] with about 75 % zero pixels, like character images."""
+    values = torch.rand(trials, count, pixels, generator=generator)
+    return values * (torch.rand(trials, count, pixels, generator=generator) < 0.25)
+
+
+def make_inputs(sizes, rule_spec, kind, trials, steps, query, seed=0, dtype=torch.float32, device="cpu"):
+    """Fresh W, B, one task per trial (``steps`` training and ``query`` query samples) and Θ."""
+    rule = Rule.build(rule_spec, len(sizes) - 1)
+    generators = [torch.Generator().manual_seed(seed * 1000 + t) for t in range(trials)]
+    g = torch.Generator().manual_seed(seed)
+    ways = min(5, sizes[-1])  # 5-way tasks, labels keep their class ids
+    classes = torch.stack([torch.randperm(sizes[-1], generator=g)[:ways] for _ in range(trials)])
+    pick = lambda n: classes.gather(1, torch.randint(0, ways, (trials, n), generator=g))  # noqa: E731
+    theta = torch.tensor([[THETA_VALUES.get(r, 1e-3) for r in rule.terms]]).repeat(trials, 1)
+    to = dict(dtype=dtype, device=device)
+    return dict(
+        rule=rule,
+        kind=kind,
+        weights=[w.to(**to) for w in init_weights(sizes, generators)],
+        feedback=[b.to(**to) for b in init_feedback(kind, sizes, generators)],
+        x=sparse_images(trials, steps, sizes[0], g).to(**to),
+        y=pick(steps).to(device),
+        xq=sparse_images(trials, query, sizes[0], g).to(**to),
+        yq=pick(query).to(device),
+        theta=theta.to(**to),
+    )
+
+
+def run_metaplast(inputs, recompute_segment=0):
+    """Adapted weights and meta-gradient dΣ_trials L_query/dΘ of all trials at once."""
+    theta = inputs["theta"].clone().requires_grad_()
+    adapted = inner_loop(
+        theta,
+        inputs["rule"],
+        inputs["weights"],
+        inputs["feedback"],
+        inputs["kind"],
+        inputs["x"],
+        inputs["y"],
+        BETA,
+        True,
+        recompute_segment,
+    )
+    (grad,) = torch.autograd.grad(query_loss(adapted, inputs["xq"], inputs["yq"]).sum(), theta)
+    return [w.detach() for w in adapted], grad
+
+
+def run_baseline(inputs, trial):
+    """The same episode of one trial in the original formulation (:mod:`metaplast.reference`)."""
+    rule = inputs["rule"]
+    theta = inputs["theta"][trial].clone().requires_grad_()
+    coefficients = reference.layer_coefficients(theta, rule.terms, rule.layer_terms)
+    loss, adapted = reference.episode(
+        [w[trial] for w in inputs["weights"]],
+        [b[trial] for b in inputs["feedback"]],
+        inputs["kind"],
+        coefficients,
+        inputs["x"][trial],
+        inputs["y"][trial],
+        inputs["xq"][trial],
+        inputs["yq"][trial],
+        BETA,
+    )
+    (grad,) = torch.autograd.grad(loss, theta)
+    return [w.detach() for w in adapted], grad
+
+
+def timed(fn, device):
+    """``(result, wall seconds, process CPU seconds)`` of ``fn()``."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def relative_error(got, expected):
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def compare(inputs, recompute_segment, baseline_trials, device):
+    """Time metaplast (all trials) and the baseline (``baseline_trials`` trials, one by one); compare."""
+    run_metaplast(inputs, recompute_segment)  # warm-up
+    (adapted, grad), wall, cpu = timed(lambda: run_metaplast(inputs, recompute_segment), device)
+    trials = inputs["theta"].shape[0]
+    base_wall = base_cpu = 0.0
+    w_err = g_err = 0.0
+    for t in range(baseline_trials):
+        (b_adapted, b_grad), bw, bc = timed(lambda t=t: run_baseline(inputs, t), device)
+        base_wall, base_cpu = base_wall + bw, base_cpu + bc
+        w_err = max([relative_error(a[t], b) for a, b in zip(adapted, b_adapted)] + [w_err])
+        g_err = max(relative_error(grad[t], b_grad), g_err)
+    return dict(
+        s_per_trial=wall / trials,
+        cpu_s_per_trial=cpu / trials,
+        baseline_s_per_trial=base_wall / baseline_trials,
+        baseline_cpu_s_per_trial=base_cpu / baseline_trials,
+        speedup=(base_wall / baseline_trials) / (wall / trials),
+        cpu_speedup=(base_cpu / baseline_trials) / (cpu / trials),
+        baseline_trials_timed=baseline_trials,
+        weights_rel_err=w_err,
+        grad_rel_err=g_err,
+    )
+
+
+def probe(config: dict) -> dict:
+    """Run one episode of ``config`` in this (fresh) process; report its peak memory in MiB."""
+    torch.set_num_threads(config["threads"])
+    device = config["device"]
+    inputs = make_inputs(**{k: config[k] for k in ("sizes", "trials", "steps", "query")}, **_common(config))
+    before = current_rss_mib()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    if config["which"] == "baseline":
+        run_baseline(inputs, 0)
+    else:
+        run_metaplast(inputs, config["recompute_segment"])
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, current_rss_mib())
+    return dict(peak_mib=peak, before_mib=before)
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (Linux ``/proc/self/status``; the peak so far elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _common(config):
+    dtype = getattr(torch, config["dtype"])
+    return dict(rule_spec=config["rule"], kind=config["feedback"], dtype=dtype, device=config["device"])
+
+
+def peak_memory(config: dict) -> dict:
+    """:func:`probe` in a fresh interpreter (so the peak RSS is this configuration's alone)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "metaplast.bench", "--probe", json.dumps(config)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def benchmark(args) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    rows = []
+    for rule in args.rule:
+        for trials in args.trials:
+            base = dict(
+                sizes=args.sizes,
+                rule=rule,
+                feedback=args.feedback,
+                steps=args.steps,
+                query=args.query,
+                dtype=args.dtype,
+                device=args.device,
+                threads=args.threads,
+            )
+            inputs = make_inputs(
+                args.sizes, trials=trials, steps=args.steps, query=args.query, **_common(base)
+            )
+            baseline_memory = (
+                None if args.no_memory else peak_memory({**base, "trials": 1, "which": "baseline"})
+            )
+            for segment in args.recompute:
+                row = dict(base, trials=trials, recompute_segment=segment)
+                row.update(compare(inputs, segment, min(args.baseline_trials, trials), args.device))
+                if not args.no_memory:
+                    memory = peak_memory(
+                        {**base, "trials": trials, "which": "metaplast", "recompute_segment": segment}
+                    )
+                    row.update(
+                        peak_mib=memory["peak_mib"],
+                        episode_mib=memory["peak_mib"] - memory["before_mib"],
+                        baseline_peak_mib=baseline_memory["peak_mib"],
+                        baseline_episode_mib=baseline_memory["peak_mib"] - baseline_memory["before_mib"],
+                    )
+                if not max(row["weights_rel_err"], row["grad_rel_err"]) <= args.tolerance:  # NaN fails too
+                    raise SystemExit(f"metaplast and the baseline disagree: {row}")
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'rule':<6}{'trials':>7}{'recomp':>7}{'s/trial':>9}{'base s/trial':>13}{'ratio':>7}"
+    f"{'cpu ratio':>10}{'peak MiB':>10}{'episode MiB':>12}{'base peak':>10}{'max rel err':>12}"
+)
+
+
+def format_row(row: dict) -> str:
+    memory = (
+        f"{row['peak_mib']:>10.0f}{row['episode_mib']:>12.0f}{row['baseline_peak_mib']:>10.0f}"
+        if "peak_mib" in row
+        else f"{'-':>10}{'-':>12}{'-':>10}"
+    )
+    return (
+        f"{row['rule']:<6}{row['trials']:>7}{row['recompute_segment']:>7}{row['s_per_trial']:>9.3f}"
+        f"{row['baseline_s_per_trial']:>13.3f}{row['speedup']:>7.1f}{row['cpu_speedup']:>10.1f}"
+        f"{memory}{max(row['weights_rel_err'], row['grad_rel_err']):>12.1e}"
+    )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m metaplast.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=PAPER_SIZES, help="layer widths")
+    parser.add_argument("--rule", nargs="+", default=["f0", "bio", "pool"], help="named rules")
+    parser.add_argument("--feedback", choices=FEEDBACK_KINDS, default="fa")
+    parser.add_argument("--trials", type=int, nargs="+", default=[1, 20])
+    parser.add_argument("--steps", type=int, default=250, help="inner steps (M·K)")
+    parser.add_argument("--query", type=int, default=50, help="query samples (M·Q)")
+    parser.add_argument(
+        "--recompute",
+        type=int,
+        nargs="+",
+        default=[0, 16],
+        help="inner steps per recomputation segment (0: none)",
+    )
+    parser.add_argument("--baseline-trials", type=int, default=1, help="baseline trials timed (one by one)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="max relative error vs the baseline")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r} needs CUDA, which this machine does not have; allowed: cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe(json.loads(args.probe))))
+        return
+    print(
+        f"metaplast.bench: sizes {'-'.join(map(str, args.sizes))}, {args.steps} inner steps, "
+        f"feedback={args.feedback}, {args.dtype}, {args.device}, {args.threads} thread(s); "
+        f"seconds per episode per trial (forward + meta-gradient); ratio = baseline / metaplast"
+    )
+    print(HEADER, flush=True)
+    rows = benchmark(args)
+    if args.json:
+        text = json.dumps(rows, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as handle:
+                handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
