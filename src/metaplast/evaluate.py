@@ -183,8 +183,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     x_test = x_test.expand(T, *x_test.shape)
     y_test = y_test.expand(T, *y_test.shape)
     weights = init_weights(sizes, init_generators)
-    kind = cfg.feedback.kind.value if hasattr(cfg.feedback.kind, "value") else str(cfg.feedback.kind)
-    init = cfg.feedback.init.value if hasattr(cfg.feedback.init, "value") else str(cfg.feedback.init)
+    kind, init = cfg.feedback.kind.value, cfg.feedback.init.value
     feedback = init_feedback(kind, sizes, init_generators, init)
     theta = theta_row.expand(T, -1)
     beta = cfg.model.beta

@@ -147,8 +147,15 @@ def _unique_labels(runs: list[Run]) -> None:
 
 
 def _dataset_note(runs: list[Run]) -> str:
-    names = sorted({str(r.config.get("dataset", {}).get("name", "?")) for r in runs})
-    return ", ".join(f"{n} (SYNTHETIC)" if n == "glyphs" else n for n in names)
+    """The datasets of the runs for titles; glyphs are marked SYNTHETIC, IDX sets by their directory."""
+    names = set()
+    for run in runs:
+        dataset = run.config.get("dataset", {})
+        name = str(dataset.get("name", "?"))
+        if name == "idx" and dataset.get("root"):
+            name = f"idx: {Path(dataset['root']).name}"
+        names.add("glyphs (SYNTHETIC)" if name == "glyphs" else name)
+    return ", ".join(sorted(names))
 
 
 # ---------------------------------------------------------------- text: the discovered rule
