@@ -117,26 +117,33 @@ def relative_error(got, expected):
     return ((got - expected).norm() / expected.norm()).item()
 
 
-def compare(inputs, recompute_segment, baseline_trials, device):
-    """Time metaplast (all trials) and the baseline (``baseline_trials`` trials, one by one); compare."""
+def time_baseline(inputs, trials, device):
+    """The baseline on the first ``trials`` trials, one after the other: results and seconds per trial."""
+    results, wall, cpu = [], 0.0, 0.0
+    for t in range(trials):
+        result, w, c = timed(lambda t=t: run_baseline(inputs, t), device)
+        results.append(result)
+        wall, cpu = wall + w, cpu + c
+    return dict(results=results, s_per_trial=wall / trials, cpu_s_per_trial=cpu / trials)
+
+
+def compare(inputs, recompute_segment, baseline, device):
+    """Time metaplast on all trials (after a warm-up run) and compare it with ``baseline``."""
     run_metaplast(inputs, recompute_segment)  # warm-up
     (adapted, grad), wall, cpu = timed(lambda: run_metaplast(inputs, recompute_segment), device)
     trials = inputs["theta"].shape[0]
-    base_wall = base_cpu = 0.0
     w_err = g_err = 0.0
-    for t in range(baseline_trials):
-        (b_adapted, b_grad), bw, bc = timed(lambda t=t: run_baseline(inputs, t), device)
-        base_wall, base_cpu = base_wall + bw, base_cpu + bc
+    for t, (b_adapted, b_grad) in enumerate(baseline["results"]):
         w_err = max([relative_error(a[t], b) for a, b in zip(adapted, b_adapted)] + [w_err])
         g_err = max(relative_error(grad[t], b_grad), g_err)
     return dict(
         s_per_trial=wall / trials,
         cpu_s_per_trial=cpu / trials,
-        baseline_s_per_trial=base_wall / baseline_trials,
-        baseline_cpu_s_per_trial=base_cpu / baseline_trials,
-        speedup=(base_wall / baseline_trials) / (wall / trials),
-        cpu_speedup=(base_cpu / baseline_trials) / (cpu / trials),
-        baseline_trials_timed=baseline_trials,
+        baseline_s_per_trial=baseline["s_per_trial"],
+        baseline_cpu_s_per_trial=baseline["cpu_s_per_trial"],
+        speedup=baseline["s_per_trial"] / (wall / trials),
+        cpu_speedup=baseline["cpu_s_per_trial"] / (cpu / trials),
+        baseline_trials_timed=len(baseline["results"]),
         weights_rel_err=w_err,
         grad_rel_err=g_err,
     )
@@ -211,9 +218,10 @@ def benchmark(args) -> list[dict]:
             baseline_memory = (
                 None if args.no_memory else peak_memory({**base, "trials": 1, "which": "baseline"})
             )
+            baseline = time_baseline(inputs, min(args.baseline_trials, trials), args.device)
             for segment in args.recompute:
                 row = dict(base, trials=trials, recompute_segment=segment)
-                row.update(compare(inputs, segment, min(args.baseline_trials, trials), args.device))
+                row.update(compare(inputs, segment, baseline, args.device))
                 if not args.no_memory:
                     memory = peak_memory(
                         {**base, "trials": trials, "which": "metaplast", "recompute_segment": segment}
@@ -228,7 +236,19 @@ def benchmark(args) -> list[dict]:
                     raise SystemExit(f"metaplast and the baseline disagree: {row}")
                 rows.append(row)
                 print(format_row(row), flush=True)
+                if args.profile:
+                    print(profile_table(inputs, segment, args.profile), flush=True)
     return rows
+
+
+def profile_table(inputs, recompute_segment, rows):
+    """torch.profiler's table of one metaplast episode: the ``rows`` operators with most own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run_metaplast(inputs, recompute_segment)
+    averages = prof.key_averages(group_by_input_shape=True)
+    return averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=24)
 
 
 HEADER = (
@@ -271,6 +291,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max relative error vs the baseline")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print a profile per row")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

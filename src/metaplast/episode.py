@@ -38,26 +38,38 @@ class Rule:
         return cls(tuple(sorted(set().union(*layer_terms))), layer_terms)
 
 
-def _step_factors(weights, feedback, thetas, rule, kind, x, label, beta, grad_through_b, product=None):
+def _plain_product(weights):
+    def product(v, index, transposed, constant=None):
+        if constant is not None:
+            return v @ constant
+        weight = weights[index]
+        return v @ (weight.transpose(-1, -2) if transposed else weight)
+
+    return product
+
+
+def _step_factors(weights, feedback, thetas, rule, kind, x, label, beta, grad_through_b, product):
     """One online step up to the update: per layer ``(left, right, decay)`` of :func:`update_factors`.
 
     Errors of all layers come from one forward pass before any weight changes.
     ``product(v, index, transposed)`` computes ``v W_index^T`` (transposed) or
-    ``v W_index``; the default is a plain batched product.
+    ``v W_index``; ``product(v, index, None, constant)`` computes ``v constant``
+    (a feedback matrix, or BP's ``W`` without ``grad_through_b``).
     """
-    if product is None:
-
-        def product(v, index, transposed):
-            weight = weights[index]
-            return v @ (weight.transpose(-1, -2) if transposed else weight)
-
     ys, zs = forward(weights, x, beta, linear=lambda v, i: product(v, i, True))
     width = weights[-1].shape[1]
     output_error = ys[-1] - F.one_hot(label, width).to(ys[-1].dtype)
     matrices = backward_matrices(kind, weights, feedback, grad_through_b)
-    send = None
-    if kind == "bp":  # e B^T = e W; without grad_through_b the matrix is a constant (a plain product)
-        send = (lambda e, i: product(e, i, False)) if grad_through_b else None
+    if kind == "bp" and grad_through_b:  # e B^T = e W
+
+        def send(e, i):
+            return product(e, i, False)
+
+    else:
+
+        def send(e, i):
+            return product(e, i, None, matrices[i].transpose(-1, -2))
+
     es = teaching_signals(kind, matrices, ys, output_error, beta, send=send)
     return [
         update_factors(
@@ -74,13 +86,25 @@ def _step_factors(weights, feedback, thetas, rule, kind, x, label, beta, grad_th
     ]
 
 
-def _unrolled(theta, rule, weights, feedback, kind, x_train, y_train, beta, grad_through_b, keep=None):
-    """The inner loop as plain tensor code; with ``keep`` it stores ``W_t`` of the steps ``t`` in ``keep``."""
+def _unrolled(theta, rule, weights, feedback, kind, x_train, y_train, beta, grad_through_b, keep=()):
+    """The inner loop as plain tensor code.
+
+    Returns the adapted weights and, for the steps ``t`` in ``keep``, ``W_t`` and
+    the outputs of that step's products with ``W_t`` and ``B`` (in call order).
+    """
     thetas = [expand_theta(theta, rule.terms, terms) for terms in rule.layer_terms]
     kept = {}
     for step in range(x_train.shape[1]):
-        if keep is not None and step in keep:
-            kept[step] = weights
+        product = _plain_product(weights)
+        if step in keep:
+            outputs = []
+            kept[step] = (weights, outputs)
+            plain = product
+
+            def product(*args, plain=plain, outputs=outputs):
+                outputs.append(plain(*args))
+                return outputs[-1]
+
         factors = _step_factors(
             weights,
             feedback,
@@ -91,42 +115,42 @@ def _unrolled(theta, rule, weights, feedback, kind, x_train, y_train, beta, grad
             y_train[:, step : step + 1],
             beta,
             grad_through_b,
+            product,
         )
         weights = [apply_update(w, *f) for w, f in zip(weights, factors)]
     return weights, kept
 
 
-class _Collect(torch.autograd.Function):
-    """``v W^T`` or ``v W`` whose backward passes the gradient to ``v`` and *records* the
-    rank-``B`` factors of the gradient to ``W`` in ``sink`` instead of building it; the
-    ``anchor`` (a scalar that requires grad) makes autograd visit the node."""
+class _Product(torch.autograd.Function):
+    """``v M`` (its value given: ``out``, computed in the forward pass) whose backward passes
+    ``grad M^T`` to ``v`` and, when ``M`` is ``W^T`` or ``W``, *records* the rank-``B``
+    factors of the gradient to ``W`` in ``sink`` instead of building it; the ``anchor``
+    (a scalar that requires grad) makes autograd visit the node."""
 
     @staticmethod
-    def forward(ctx, v, weight, anchor, sink, transposed):
-        ctx.save_for_backward(v, weight)
+    def forward(ctx, v, matrix, anchor, out, sink, transposed):
+        ctx.save_for_backward(v, matrix)
         ctx.sink, ctx.transposed = sink, transposed
-        return v @ (weight.transpose(-1, -2) if transposed else weight)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        v, weight = ctx.saved_tensors
-        if ctx.transposed:  # out = v W^T: dW = grad^T v
-            ctx.sink.append((grad, v))
-            grad_v = grad @ weight
-        else:  # out = v W: dW = v^T grad
-            ctx.sink.append((v, grad))
-            grad_v = grad @ weight.transpose(-1, -2)
-        return grad_v, None, torch.zeros((), dtype=grad.dtype, device=grad.device), None, None
+        v, matrix = ctx.saved_tensors
+        if ctx.sink is not None:  # M = W^T: dW = grad^T v;  M = W: dW = v^T grad
+            ctx.sink.append((grad, v) if ctx.transposed else (v, grad))
+        grad_v = grad @ matrix.transpose(-1, -2)
+        return grad_v, None, torch.zeros((), dtype=grad.dtype, device=grad.device), None, None, None
 
 
 class _InnerLoop(torch.autograd.Function):
     """The inner loop with a hand-scheduled backward (reverse-mode through every step, exact).
 
     Per step the small vector part (forward pass, errors, the factors of the
-    update) is re-run under autograd; everything of the size of ``W`` is done
-    here: ``dL/dW_t = (1 - θ_3) dL/dW_{t+1} + A^T C`` in one batched product,
-    where the rows of ``A, C`` are the factors recorded by :class:`_Collect`.
-    Only the ``W_t`` at segment starts are kept; the others are recomputed.
+    update) is re-run under autograd on the stored products with ``W_t`` and ``B``;
+    everything of the size of ``W`` is done here: ``dL/dW_t = (1 - θ_3) dL/dW_{t+1}
+    + A^T C`` in one batched product, where the rows of ``A, C`` are the factors
+    recorded by :class:`_Product`. With segments, only the ``W_t`` at segment
+    starts are kept; the others (and their products) are recomputed.
     """
 
     @staticmethod
@@ -134,10 +158,12 @@ class _InnerLoop(torch.autograd.Function):
         rule, kind, beta, grad_through_b, segment, depth = spec
         weights, feedback = list(tensors[:depth]), list(tensors[depth:])
         steps = x_train.shape[1]
-        keep = set(range(0, steps, segment))
+        keep = range(0, steps, segment) if segment else range(steps)
         adapted, kept = _unrolled(
             theta, rule, weights, feedback, kind, x_train, y_train, beta, grad_through_b, keep
         )
+        if segment:  # only W_t is kept at segment starts; the products come back with the recomputation
+            kept = {step: weights for step, (weights, _) in kept.items()}
         ctx.spec, ctx.kept = spec, kept
         ctx.save_for_backward(theta, x_train, y_train, *feedback)
         return tuple(adapted)
@@ -147,41 +173,47 @@ class _InnerLoop(torch.autograd.Function):
     def backward(ctx, *grad_adapted):
         rule, kind, beta, grad_through_b, segment, depth = ctx.spec
         theta, x_train, y_train, *feedback = ctx.saved_tensors
+        if x_train.shape[1] and not ctx.kept:
+            raise RuntimeError("inner_loop's backward runs once: it frees the stored W_t as it goes")
         grads = [g.clone() for g in grad_adapted]  # dL/dW_t, updated in place step by step
         grad_theta = torch.zeros_like(theta)
         steps = x_train.shape[1]
         args = (rule, kind, x_train, y_train, beta, grad_through_b)
-        for start in reversed(range(0, steps, segment)):
-            stop = min(start + segment, steps)
-            with torch.no_grad():  # W_start .. W_{stop-1}, from the kept W_start
-                last, inside = _unrolled(
-                    theta,
-                    rule,
-                    ctx.kept[start],
-                    feedback,
-                    kind,
-                    x_train[:, start : stop - 1],
-                    y_train[:, start : stop - 1],
-                    beta,
-                    grad_through_b,
-                    keep=range(stop - start - 1),
-                )
-            segment_weights = [inside[i] for i in range(stop - start - 1)] + [last]
-            del ctx.kept[start]
+        for start in reversed(range(0, steps, segment or steps)):
+            stop = min(start + segment, steps) if segment else steps
+            if segment:
+                with torch.no_grad():  # W_start .. W_{stop-1} and their products, from the kept W_start
+                    _, inside = _unrolled(
+                        theta,
+                        rule,
+                        ctx.kept.pop(start),
+                        feedback,
+                        kind,
+                        x_train[:, start:stop],
+                        y_train[:, start:stop],
+                        beta,
+                        grad_through_b,
+                        keep=range(stop - start),
+                    )
+            else:
+                inside = {step: ctx.kept.pop(step) for step in range(steps)}
             for step in reversed(range(start, stop)):
-                weights = segment_weights[step - start]
-                grad_theta += _backward_step(weights, feedback, theta, grads, step, *args)
+                weights, outputs = inside.pop(step - start)
+                grad_theta += _backward_step(weights, outputs, feedback, theta, grads, step, *args)
+        needs_w = any(ctx.needs_input_grad[4 : 4 + depth])
         return (
             None,
             grad_theta,
             None,
             None,
-            *(grads if any(ctx.needs_input_grad[4 : 4 + depth]) else [None] * depth),
+            *(grads if needs_w else [None] * depth),
             *[None] * len(feedback),
         )
 
 
-def _backward_step(weights, feedback, theta, grads, step, rule, kind, x_train, y_train, beta, grad_through_b):
+def _backward_step(
+    weights, outputs, feedback, theta, grads, step, rule, kind, x_train, y_train, beta, grad_through_b
+):
     """Turn ``dL/dW_{t+1}`` (``grads``, in place) into ``dL/dW_t``; return this step's ``dL/dΘ``."""
     with torch.enable_grad():
         leaf = theta.detach().requires_grad_()
@@ -189,8 +221,15 @@ def _backward_step(weights, feedback, theta, grads, step, rule, kind, x_train, y
         anchors = [w.new_zeros((), requires_grad=True) for w in weights]
         sinks = [[] for _ in weights]
 
-        def product(v, index, transposed):
-            return _Collect.apply(v, weights[index], anchors[index], sinks[index], transposed)
+        stored = iter(outputs)
+
+        def product(v, index, transposed, constant=None):
+            out = next(stored)
+            if constant is not None:
+                return _Product.apply(v, constant, anchors[index], out, None, None)
+            weight = weights[index]
+            matrix = weight.transpose(-1, -2) if transposed else weight
+            return _Product.apply(v, matrix, anchors[index], out, sinks[index], transposed)
 
         factors = _step_factors(
             weights,
@@ -256,7 +295,7 @@ def inner_loop(
     if not needs_grad:
         with torch.no_grad():
             return _unrolled(theta, rule, weights, feedback, kind, x_train, y_train, beta, grad_through_b)[0]
-    spec = (rule, kind, beta, grad_through_b, recompute_segment or 1, len(weights))
+    spec = (rule, kind, beta, grad_through_b, recompute_segment, len(weights))
     return list(_InnerLoop.apply(spec, theta, x_train, y_train, *weights, *feedback))
 
 

@@ -62,7 +62,7 @@ def expand_theta(theta: Tensor, terms: Sequence[int], layer_terms: Sequence[int]
     """Dense ``(trials, 10)`` coefficients of one layer: Θ's entries for ``layer_terms``, zero elsewhere."""
     dense = theta.new_zeros(theta.shape[0], TERM_COUNT)
     columns = [terms.index(r) for r in layer_terms]
-    return dense.index_copy(1, torch.tensor(layer_terms), theta[:, columns])
+    return dense.index_copy(1, torch.tensor(layer_terms, device=theta.device), theta[:, columns])
 
 
 #: Terms that need ``W^T y_l`` (the product ``y_l^T W`` of Eqs. 19, 20 and 23).
