@@ -123,6 +123,12 @@ class TrainerConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    survive_threshold: float = 1e-3
+    max_terms: int | None = None
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,8 +138,10 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 0
     ckpt_path: str | None = None
+    resume: bool = True
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -213,6 +221,10 @@ def validate(cfg) -> Rule:
         _fail("trainer.accelerator", cfg.trainer.accelerator, ", ".join(ACCELERATORS))
     if str(cfg.trainer.precision) not in PRECISIONS:
         _fail("trainer.precision", cfg.trainer.precision, ", ".join(PRECISIONS))
+    if not cfg.objective.survive_threshold >= 0:
+        _fail("objective.survive_threshold", cfg.objective.survive_threshold, "a number >= 0")
+    if cfg.objective.max_terms is not None and cfg.objective.max_terms < 0:
+        _fail("objective.max_terms", cfg.objective.max_terms, "null or an integer >= 0")
     if cfg.trainer.checkpoint_every < 1:
         _fail("trainer.checkpoint_every", cfg.trainer.checkpoint_every, "an integer >= 1")
     if cfg.trainer.recompute_segment < 0:

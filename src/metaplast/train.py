@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from metaplast import sweep
 from metaplast.config import ConfigError, hidden_sizes, register, validate
 from metaplast.data import DataError, load_dataset
 from metaplast.module import MetaPlasticity
@@ -71,7 +74,7 @@ def build_module(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
         raise ConfigError(f"meta.{error} (dataset {cfg.dataset.name!r})") from None
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
+def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
     if not cfg.logger.wandb:
         return False
     mode = wandb_mode(cfg.logger.mode.value)
@@ -84,17 +87,32 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     return WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=cfg.logger.group,
+        group=cfg.logger.group or sweep.sweep_name(),
         name=name,
-        tags=list(cfg.logger.tags),
+        tags=[*cfg.logger.tags, *run_tags(cfg)],
+        id=wandb_id,
+        resume="allow" if wandb_id else None,
         mode=mode,
         save_dir=str(run_dir),
         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     )
 
 
-def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
-    """Meta-train as configured; results, checkpoints and W&B files go under ``run_dir``."""
+def run_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags naming the rule, feedback, regulariser and dataset."""
+    tags = [f"rule:{sweep.rule_label(cfg.rule)}", f"feedback:{cfg.feedback.kind.value}"]
+    tags += [f"reg:{cfg.reg.kind.value}", f"dataset:{cfg.dataset.name}"]
+    return [tag[:64] for tag in tags]  # W&B's limit
+
+
+def run(
+    cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None, wandb_id: str | None = None
+) -> MetaPlasticity:
+    """Meta-train as configured; results, checkpoints and W&B files go under ``run_dir``.
+
+    On SIGTERM the current episode ends, is saved as ``checkpoints/last.ckpt`` and
+    :class:`SIGTERMException` is raised; a finished run writes ``result.json``.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, run_dir)
     precision = {"32": "32-true", "64": "64-true"}.get(str(cfg.trainer.precision), cfg.trainer.precision)
@@ -107,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
         save_top_k=-1,
         save_last=True,
     )
-    logger = build_logger(cfg, run_dir)
+    logger = build_logger(cfg, run_dir, wandb_id)
     trainer = L.Trainer(
         max_steps=cfg.meta.episodes,
         max_epochs=-1,
@@ -115,7 +133,11 @@ def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
         devices=cfg.trainer.devices,
         precision=precision,
         logger=logger,
-        callbacks=[checkpoints],
+        callbacks=[
+            checkpoints,
+            sweep.SaveOnSigterm(run_dir / "checkpoints" / "last.ckpt"),
+            sweep.FinalResult(run_dir, cfg.objective.survive_threshold, cfg.objective.max_terms),
+        ],
         plugins=[SafeCheckpointIO()],  # atomic fsync'd saves, weights_only=True loads
         log_every_n_steps=1,
         enable_progress_bar=cfg.trainer.progress_bar,
@@ -123,19 +145,51 @@ def run(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
         default_root_dir=str(run_dir),
     )
     try:
-        trainer.fit(module, ckpt_path=cfg.ckpt_path, weights_only=True)
+        trainer.fit(module, ckpt_path=ckpt_path or cfg.ckpt_path, weights_only=True)
     finally:
         if logger:
             import wandb
 
             wandb.finish()
+    # A run resumed from a checkpoint of its last episode has nothing left to train.
+    if not (run_dir / sweep.RESULT).exists() and trainer.global_step >= cfg.meta.episodes:
+        sweep.FinalResult(run_dir, cfg.objective.survive_threshold, cfg.objective.max_terms).write(module)
     return module
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def launch(cfg: DictConfig, run_dir: Path) -> float:
+    """Run the job; with ``resume=true`` continue or skip an earlier run of the same job.
+
+    Earlier runs are found by the hash of the job's config in ``.metaplast/jobs/`` under the
+    launch directory (see :func:`metaplast.sweep.claim`). Returns the job's objective.
+    """
+    state, path, wandb_id = "new", None, None
+    if cfg.resume and cfg.ckpt_path is None:
+        index = Path(HydraConfig.get().runtime.cwd) / ".metaplast" / "jobs"
+        state, path, wandb_id = sweep.claim(sweep.job_key(cfg), run_dir, index)
+    if state == "finished":
+        objective = cfg.objective
+        result = sweep.rescore(json.loads(path.read_text()), objective.survive_threshold, objective.max_terms)
+        sweep.write_json(path, result)
+        log.info("skipped: this job already finished (resume=false runs it again); results in %s", run_dir)
+        return result["objective"]
+    (run_dir / sweep.RESULT).unlink(missing_ok=True)
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run(cfg, run_dir, ckpt_path=str(path) if path else None, wandb_id=wandb_id)
+    except SIGTERMException:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        message = f"stopped by SIGTERM; saved {last}; the same command resumes from it"
+        log.error("%s", message)
+        print(f"metaplast: {message}", file=sys.stderr)
+        raise SystemExit(143) from None
+    return json.loads((run_dir / sweep.RESULT).read_text())["objective"]
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Returns the objective (final meta-accuracy, see ``objective.max_terms``) for the optuna sweeper."""
+    try:
+        return launch(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, DataError, CheckpointError, DivergenceError) as error:
         log.error("%s", error)
         print(f"metaplast: error: {error}", file=sys.stderr)
