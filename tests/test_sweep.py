@@ -243,3 +243,26 @@ def test_aggregation_of_known_jobs(make_cfg, tmp_path):
 def test_aggregation_cli_names_a_directory_without_jobs(tmp_path):
     with pytest.raises(SystemExit, match=f"no Hydra job directory \\(with .hydra/\\) under {tmp_path}"):
         sweep.main([str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_report_command_adds_the_sweep_table_for_a_multirun_directory(make_cfg, tmp_path):
+    from metaplast import report
+
+    sweep_dir = tmp_path / "multirun"
+    sweep_dir.mkdir()
+    (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
+    for number, lam in enumerate([0.0, 1e-2]):
+        overrides = ["rule=ehebb", "reg=l1", f"reg.lam={lam}", "meta.episodes=2"]
+        job = sweep_dir / str(number)
+        (job / ".hydra").mkdir(parents=True)
+        cfg = make_cfg(*overrides)
+        OmegaConf.save(cfg, job / ".hydra/config.yaml")
+        (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+        run(cfg, job)
+    report.main([str(sweep_dir), "--out", str(tmp_path / "out")])
+    table = pd.read_csv(tmp_path / "out" / "sweep" / "sweep.csv")
+    assert table["lam"].tolist() == [0.0, 1e-2]
+    for row, number in zip(table.itertuples(), range(2)):
+        result = result_of(sweep_dir / str(number))
+        assert row.acc == pytest.approx(np.mean(result["meta_acc"]))
+        assert row.theta_2 == pytest.approx(result["theta_mean"]["2"])
