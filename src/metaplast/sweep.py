@@ -157,7 +157,8 @@ def sweep_name() -> str | None:
         return None
     hydra = HydraConfig.get()
     sweep_dir = Path(hydra.sweep.dir)
-    return str(sweep_dir.relative_to(hydra.runtime.cwd) if sweep_dir.is_absolute() else sweep_dir)
+    inside = sweep_dir.is_absolute() and sweep_dir.is_relative_to(hydra.runtime.cwd)
+    return str(sweep_dir.relative_to(hydra.runtime.cwd) if inside else sweep_dir)
 
 
 def job_key(cfg) -> str:
