@@ -218,7 +218,9 @@ def per_column_figure(run, prefix, ylabel, out, name, by="episode", window=1, sy
         (c for c in run.table.columns if c.startswith(prefix)), key=lambda c: int(c.split("_")[1])
     )
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for column, color in zip(columns, sns.color_palette("viridis", len(columns))):
+    for column, color in zip(
+        columns, sns.color_palette("tab10" if prefix == "theta_" else "viridis", len(columns))
+    ):
         index = column.split("_")[1]
         _band(ax, summarise(run.table, column, by=by, window=window), by, f"{symbol}{index}", color)
     ax.set(xlabel=by if by == "episode" else "training samples", ylabel=ylabel, title=run.label)
@@ -257,7 +259,7 @@ def summary_table(runs: list[Run], last: int) -> pd.DataFrame:
         row = {"run": run.label, "dir": str(run.path), "episodes": int(table["episode"].max()) + 1}
         row["trials"] = len(per_trial)
         if "meta_diverged" in table:
-            row["diverged"] = int(table.groupby("trial")["meta_diverged"].max().sum())
+            row["trials diverged"] = int(table.groupby("trial")["meta_diverged"].max().sum())
         for column in ("meta_acc", "meta_loss"):
             low, high = bootstrap_ci(per_trial[column].to_numpy())
             row.update({column: per_trial[column].mean(), f"{column}_low": low, f"{column}_high": high})

@@ -76,5 +76,6 @@ def mann_whitney_per_episode(
     for episode in shared:
         a = by_first.get_group(episode)[column].dropna().to_numpy(dtype=float)  # diverged trials: NaN
         b = by_second.get_group(episode)[column].dropna().to_numpy(dtype=float)
-        rows.append({"episode": episode, "p": mann_whitney(a, b, alternative)})
+        p = mann_whitney(a, b, alternative) if a.size and b.size else float("nan")  # all trials diverged
+        rows.append({"episode": episode, "p": p})
     return pd.DataFrame(rows, columns=["episode", "p"])
