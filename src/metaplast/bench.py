@@ -8,7 +8,7 @@ side in the same process on the same inputs (W, B, tasks, Θ), the baseline of
 dense matrix, plain autograd with every ``W`` kept alive. Before timing it checks
 that both give the same adapted weights and meta-gradient.
 
-Peak memory is the peak resident set size (``resource.getrusage(...).ru_maxrss``)
+Peak memory is the peak resident set size (``VmHWM`` of ``/proc/self/status``)
 of a fresh subprocess that builds the same inputs and runs one episode of the
 configuration; on CUDA it is ``torch.cuda.max_memory_allocated``.
 """
@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from math import nan
 
 import torch
 
@@ -165,20 +166,32 @@ def probe(config: dict) -> dict:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, current_rss_mib())
+        peak = max(peak_rss_mib(), current_rss_mib())
     return dict(peak_mib=peak, before_mib=before)
 
 
-def current_rss_mib() -> float:
-    """Resident set size now (Linux ``/proc/self/status``; the peak so far elsewhere)."""
+def _status_mib(key: str) -> float:
+    """A ``/proc/self/status`` entry in MiB (Linux); elsewhere ``ru_maxrss``, the peak so far."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (``VmRSS``)."""
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process image (``VmHWM``; unlike ``ru_maxrss`` it does not
+    carry over the parent's size across fork and exec)."""
+    return _status_mib("VmHWM")
 
 
 def _common(config):
@@ -218,10 +231,15 @@ def benchmark(args) -> list[dict]:
             baseline_memory = (
                 None if args.no_memory else peak_memory({**base, "trials": 1, "which": "baseline"})
             )
-            baseline = time_baseline(inputs, min(args.baseline_trials, trials), args.device)
+            if not args.memory_only:
+                baseline = time_baseline(inputs, min(args.baseline_trials, trials), args.device)
             for segment in args.recompute:
                 row = dict(base, trials=trials, recompute_segment=segment)
-                row.update(compare(inputs, segment, baseline, args.device))
+                if args.memory_only:
+                    row.update(s_per_trial=nan, baseline_s_per_trial=nan, speedup=nan, cpu_speedup=nan)
+                    row.update(weights_rel_err=0.0, grad_rel_err=0.0)
+                else:
+                    row.update(compare(inputs, segment, baseline, args.device))
                 if not args.no_memory:
                     memory = peak_memory(
                         {**base, "trials": trials, "which": "metaplast", "recompute_segment": segment}
@@ -291,6 +309,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max relative error vs the baseline")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print a profile per row")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
