@@ -87,7 +87,7 @@ def test_diverging_trial_is_frozen_and_flagged_and_the_others_are_unaffected(mak
     for row, ref in zip(rows, reference):
         if row["trial"] == "1":
             assert row["meta_diverged"] == "1"
-            assert row["meta_loss"] == row["meta_acc"] == row["angle_0"] == row["orth_3"] == ""
+            assert row["meta_loss"] == row["meta_acc"] == row["angle_0"] == row["orth_3"] == "nan"
             assert float(row["theta_2"]) == pytest.approx(HUGE, rel=1e-6)  # the last finite Θ
         else:
             assert row == ref  # bit-identical text: the other trials never saw trial 1
@@ -149,7 +149,7 @@ def test_cli_divergence_exits_3_and_keeps_nan_and_the_api_key_out_of_every_file(
     keys = summary(offline_run_file(run_dir))
     assert float(keys["meta/diverged"]) == 1.0
     assert "meta/loss" not in keys and "meta/acc" not in keys  # no result, not a NaN result
-    assert all(row["meta_loss"] == "" for row in read_csv(run_dir / "metrics.csv"))
+    assert all(row["meta_loss"] == "nan" for row in read_csv(run_dir / "metrics.csv"))
 
 
 # --- 2. data faults -------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_a_failed_csv_write_leaves_the_previous_complete_file(tmp_path, monkeypa
     record = flag_diverged({"meta/loss": torch.tensor([0.5, 0.25])}, torch.tensor([False, True]))
     table.append(0, [0, 1], record)
     before = (tmp_path / "metrics.csv").read_bytes()
-    assert before == b"episode,trial,meta_diverged,meta_loss\r\n0,0,0,0.5\r\n0,1,1,\r\n"
+    assert before == b"episode,trial,meta_diverged,meta_loss\r\n0,0,0,0.5\r\n0,1,1,nan\r\n"
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")

@@ -69,8 +69,8 @@ class EpisodeCSV:
 
     The whole file is written to a temporary file and renamed (metaplast.safety), so a
     crash leaves the previous complete file. A diverged trial's row has ``meta_diverged``
-    = 1 and empty result cells (pandas reads them as NaN); its ``theta_<r>`` are its
-    last finite Θ.
+    = 1 and ``nan`` in every result cell (no result, marked by the flag); its ``theta_<r>``
+    are its last finite Θ.
     """
 
     def __init__(self, path: str | Path):
@@ -112,11 +112,11 @@ class EpisodeCSV:
 
 
 def _cell(key: str, value: float, diverged: float) -> str:
-    """``repr`` of the value; the flag as 0/1; empty for a diverged trial's results."""
+    """``repr`` of the value; the flag as 0/1; ``nan`` for a diverged trial's results."""
     if key == "meta/diverged":
         return str(int(value))
     if diverged and not key.startswith("theta/"):
-        return ""
+        return "nan"
     return repr(float(value))
 
 
