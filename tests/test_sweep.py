@@ -266,3 +266,12 @@ def test_report_command_adds_the_sweep_table_for_a_multirun_directory(make_cfg, 
         result = result_of(sweep_dir / str(number))
         assert row.acc == pytest.approx(np.mean(result["meta_acc"]))
         assert row.theta_2 == pytest.approx(result["theta_mean"]["2"])
+
+
+def test_a_diverged_trial_has_no_final_accuracy_and_is_left_out_of_the_mean(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("episode,trial,meta_acc\n0,0,0.5\n0,1,0.5\n1,0,0.25\n1,1,\n")
+    accuracy = sweep.final_accuracy(path, [0, 1])
+    assert accuracy[0] == 0.25 and np.isnan(accuracy[1])
+    result = sweep.job_result([[1e-2, 0.0], [2e-2, 0.0]], [0, 2], [0, 1], accuracy, 1e-3, None)
+    assert result["final_meta_acc"] == 0.25 and result["surviving_terms"] == [0]

@@ -60,7 +60,8 @@ def job_result(theta, terms, trial_ids, accuracy, threshold: float, max_terms: i
     accuracy = [float(a) for a in accuracy]
     mean_theta = theta.mean(axis=0)
     alive = surviving_terms(mean_theta, terms, threshold)
-    final = float(np.mean(accuracy)) if accuracy else float("nan")
+    finite = [a for a in accuracy if np.isfinite(a)]  # diverged trials are left out
+    final = float(np.mean(finite)) if finite else float("nan")
     return {
         "terms": [int(r) for r in terms],
         "trials": [int(t) for t in trial_ids],
@@ -91,7 +92,9 @@ def final_accuracy(csv_path: Path, trial_ids) -> list[float] | None:
     if not rows:
         return None
     last = max(int(row["episode"]) for row in rows)
-    by_trial = {int(row["trial"]): float(row["meta_acc"]) for row in rows if int(row["episode"]) == last}
+    by_trial = {  # a diverged (frozen) trial has no accuracy: NaN
+        int(row["trial"]): float(row["meta_acc"] or "nan") for row in rows if int(row["episode"]) == last
+    }
     return [by_trial[t] for t in trial_ids]
 
 
@@ -280,7 +283,8 @@ def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFr
     theta_columns = [c for c in trials.columns if c.startswith("theta_")]
     table = []
     for values, group in trials.fillna({c: "" for c in varying}).groupby(keys, sort=False):
-        low, high = bootstrap_ci(group["acc"])
+        accuracy = group["acc"].dropna()  # diverged trials have none
+        low, high = bootstrap_ci(accuracy) if len(accuracy) else (float("nan"), float("nan"))
         terms = [c.removeprefix("theta_") for c in theta_columns if group[c].notna().all()]
         mean_theta = {f"theta_{r}": group[f"theta_{r}"].mean() for r in terms}
         limit = threshold if threshold is not None else group["threshold"].max()
@@ -289,7 +293,7 @@ def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFr
         row.update(
             jobs=group["job"].nunique(),
             trials=len(group),
-            acc=group["acc"].mean(),
+            acc=accuracy.mean(),
             acc_lo=low,
             acc_hi=high,
             **mean_theta,
@@ -313,7 +317,8 @@ def markdown(table: pd.DataFrame) -> str:
         c for c in shown if c.startswith("theta_")
     ]
     shown = shown[order].rename(columns={c: f"θ_{c.removeprefix('theta_')}" for c in order if "theta_" in c})
-    return shown.to_markdown(index=False, floatfmt=".3g") + "\n"
+    shown = shown.astype(object).where(shown.notna(), None)  # a term a rule lacks: an empty cell
+    return shown.to_markdown(index=False, floatfmt=".3g", missingval="") + "\n"
 
 
 def plot(table: pd.DataFrame, out: Path) -> list[Path]:
