@@ -346,6 +346,7 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
         positive = data.loc[data["lam"] > 0, "lam"]
         if len(positive):
             ax.set_xscale("symlog", linthresh=float(positive.min()))
+            ax.set_xlim(left=float(data["lam"].min()))  # no empty negative λ range
         ax.set(xlabel="λ", ylabel=label)
         fig.tight_layout()
         paths.append(out / f"{name}.png")
