@@ -356,3 +356,28 @@ def test_missing_and_truncated_checkpoints_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"a.ckpt is truncated or corrupt"):
         load_checkpoint(tmp_path / "a.ckpt")
     assert oct(os.stat(tmp_path / "a.ckpt").st_mode & 0o777) == "0o644"
+
+
+def test_a_report_figure_that_fails_midway_leaves_the_previous_file(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "curve.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    safety.save_figure(fig, path, dpi=50)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    class Broken:
+        def savefig(self, handle, **kwargs):
+            handle.write(b"half a png")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        safety.save_figure(Broken(), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+    plt.close(fig)

@@ -43,6 +43,7 @@ from metaplast.metrics import episode_metrics
 from metaplast.module import stream_seed
 from metaplast.network import init_weights
 from metaplast.rules import TERM_IDS
+from metaplast.safety import write_text
 from metaplast.train import load_data
 
 log = logging.getLogger("metaplast")
@@ -189,7 +190,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     beta = cfg.model.beta
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "theta.json").write_text(
+    write_text(
+        out_dir / "theta.json",
         json.dumps(
             {
                 "terms": list(rule.terms),
@@ -200,7 +202,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                 "synthetic": stream.synthetic,
             },
             indent=1,
-        )
+        ),
     )
     rows = []
     seen = 0
@@ -225,7 +227,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         weights = inner_loop(theta, rule, weights, feedback, kind, x, y, beta, True)
         seen += chunk.shape[1]
     table = pd.DataFrame(rows)
-    table.to_csv(out_dir / "online.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    write_text(out_dir / "online.csv", table.to_csv(index=False, quoting=csv.QUOTE_MINIMAL))
     return table
 
 

@@ -26,6 +26,7 @@ import seaborn as sns  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from metaplast.rules import NAMED_RULES, TERM_FORMULAS  # noqa: E402
+from metaplast.safety import save_figure, write_text  # noqa: E402
 from metaplast.stats import bootstrap_ci, mann_whitney_per_episode, summarise  # noqa: E402
 
 #: Table 1 of the paper (3 layers; α_0, α_1, α_2 in degrees), keyed by which layers use eHebb.
@@ -197,7 +198,7 @@ def _band(ax, table: pd.DataFrame, x: str, label: str, color=None) -> None:
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    save_figure(fig, out / name, dpi=110)
     plt.close(fig)
     return name
 
@@ -341,8 +342,8 @@ def _is_table1(run: Run) -> bool:
 
 
 def _write_table(table: pd.DataFrame, out: Path, stem: str, floatfmt=".4g") -> tuple[str, str]:
-    table.to_csv(out / f"{stem}.csv", index=False)
-    (out / f"{stem}.md").write_text(table.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    write_text(out / f"{stem}.csv", table.to_csv(index=False))
+    write_text(out / f"{stem}.md", table.to_markdown(index=False, floatfmt=floatfmt) + "\n")
     return f"{stem}.csv", f"{stem}.md"
 
 
@@ -415,7 +416,7 @@ def write_report(runs: list[Run], out: Path, window: int = 5, burn_in: int = 100
                 )
             )
             sections.append((run.label, run_items))
-        (out / "rules.txt").write_text("\n".join(rules) + "\n")
+        write_text(out / "rules.txt", "\n".join(rules) + "\n")
         csv_name, md_name = _write_table(theta_table(meta), out, "theta_final")
         sections.append(
             (
@@ -425,7 +426,7 @@ def write_report(runs: list[Run], out: Path, window: int = 5, burn_in: int = 100
         )
         if len(meta) >= 2:
             name, p_values = mann_whitney_figure(meta, out, "mann_whitney.png")
-            p_values.to_csv(out / "mann_whitney.csv", index=False)
+            write_text(out / "mann_whitney.csv", p_values.to_csv(index=False))
             sections.append(("Mann–Whitney U (Supp. Fig. S7)", [("img", name)]))
         table1_runs = [r for r in meta if _is_table1(r)]
         if table1_runs:
@@ -490,7 +491,7 @@ def _write_index(out: Path, sections, runs) -> None:
                 parts.append(f"<p>{html.escape(caption)} {links}</p>")
                 parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
     parts.append("</body></html>")
-    (out / "index.html").write_text("\n".join(parts))
+    write_text(out / "index.html", "\n".join(parts))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

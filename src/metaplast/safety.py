@@ -80,6 +80,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
+def save_figure(fig, path: str | os.PathLike, **savefig) -> None:
+    """``fig.savefig(path)``, atomically (the format comes from the file name)."""
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+
+
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, atomically."""
     buffer = io.BytesIO()

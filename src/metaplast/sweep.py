@@ -16,7 +16,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
+from metaplast.safety import save_figure, write_text
 from metaplast.stats import bootstrap_ci
 
 log = logging.getLogger("metaplast")
@@ -99,9 +99,7 @@ def final_accuracy(csv_path: Path, trial_ids) -> list[float] | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    temporary = Path(path).with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1))
-    os.replace(temporary, path)
+    write_text(path, json.dumps(data, indent=1))
 
 
 class FinalResult(L.Callback):
@@ -350,7 +348,7 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
         ax.set(xlabel="λ", ylabel=label)
         fig.tight_layout()
         paths.append(out / f"{name}.png")
-        fig.savefig(paths[-1], dpi=120)
+        save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
     return paths
 
@@ -367,9 +365,9 @@ def report(directories, out: Path, threshold: float | None = None) -> pd.DataFra
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(trials, threshold)
-    trials.to_csv(out / "trials.csv", index=False)
-    table.to_csv(out / "sweep.csv", index=False)
-    (out / "sweep.md").write_text(markdown(table))
+    write_text(out / "trials.csv", trials.to_csv(index=False))
+    write_text(out / "sweep.csv", table.to_csv(index=False))
+    write_text(out / "sweep.md", markdown(table))
     plot(table, out)
     return table
 
