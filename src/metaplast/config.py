@@ -228,5 +228,6 @@ def validate(cfg) -> Rule:
     if cfg.trainer.checkpoint_every < 1:
         _fail("trainer.checkpoint_every", cfg.trainer.checkpoint_every, "an integer >= 1")
     if cfg.trainer.recompute_segment < 0:
-        _fail("trainer.recompute_segment", cfg.trainer.recompute_segment, "0 (keep every W) or an integer >= 1")
+        allowed = "0 (keep every W) or an integer >= 1"
+        _fail("trainer.recompute_segment", cfg.trainer.recompute_segment, allowed)
     return build_rule(cfg)
