@@ -40,7 +40,7 @@ from metaplast.data import DataError
 from metaplast.episode import Rule, inner_loop
 from metaplast.feedback import init_feedback
 from metaplast.metrics import episode_metrics
-from metaplast.module import stream_seed
+from metaplast.module import trial_generators
 from metaplast.network import init_weights
 from metaplast.rules import TERM_IDS
 from metaplast.safety import write_text
@@ -165,8 +165,8 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     test = load_data(OmegaConf.merge(cfg, {"dataset": {"split": online.test_split}}))
     sizes = [stream.images.shape[1], *hidden, stream.num_classes]
     trials = list(range(online.trials))
-    init_generators = [torch.Generator().manual_seed(stream_seed(cfg.seed, t, 0)) for t in trials]
-    order_generators = [torch.Generator().manual_seed(stream_seed(cfg.seed, t, 1)) for t in trials]
+    init_generators = trial_generators(cfg.seed, trials, 0)
+    order_generators = trial_generators(cfg.seed, trials, 1)
     length = stream.images.shape[0] if online.samples is None else online.samples
     if length > stream.images.shape[0]:
         raise ConfigError(

@@ -26,6 +26,11 @@ def stream_seed(seed: int, trial: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, trial, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def trial_generators(seed: int, trials, stream: int) -> list[torch.Generator]:
+    """One generator per trial id, seeded with :func:`stream_seed`."""
+    return [torch.Generator().manual_seed(stream_seed(seed, t, stream)) for t in trials]
+
+
 class MetaPlasticity(L.LightningModule):
     """Meta-learns Θ of shape ``(trials, R)``; trial ``i`` has its own W, B and task stream.
 
@@ -69,9 +74,7 @@ class MetaPlasticity(L.LightningModule):
         if 0 in rule.terms:
             initial[:, rule.terms.index(0)] = theta0_init
         self.theta = torch.nn.Parameter(initial)
-        self.init_generators = [
-            torch.Generator().manual_seed(stream_seed(seed, t, 0)) for t in self.trial_ids
-        ]
+        self.init_generators = trial_generators(seed, self.trial_ids, 0)
         self.samplers = [
             TaskSampler(images, labels, M, K, Q, seed=stream_seed(seed, t, 1), remap_labels=remap_labels)
             for t in self.trial_ids
