@@ -61,23 +61,25 @@ def three_trials(make_cfg, run_dir, huge=None, max_diverged=10):
 # --- 1. divergence --------------------------------------------------------------------------------
 
 
-def test_diverging_trial_is_frozen_and_flagged_and_the_others_are_unaffected(make_cfg, tmp_path):
+def test_diverging_trial_backtracks_is_flagged_and_the_others_are_unaffected(make_cfg, tmp_path):
     clean = three_trials(make_cfg, tmp_path / "clean")
     fit(clean, tmp_path / "clean", 3)
     module = three_trials(make_cfg, tmp_path / "huge", huge=HUGE)
-    frozen_row = module.theta.detach().clone()[1]
+    start_row = module.theta.detach().clone()[1]
     trainer = fit(module, tmp_path / "huge", 3)
 
     theta = module.theta.detach()
-    assert torch.equal(theta[1], frozen_row)  # Θ row exactly as it was
+    # never finite: each episode backtracks half way to Θ = 0 (the rule that changes nothing)
+    torch.testing.assert_close(theta[1], start_row * 0.5**3, rtol=1e-6, atol=0)
     adam = trainer.optimizers[0].state[module.theta]
     assert int(adam["step"]) == 3  # the other trials stepped
-    for key in ("exp_avg", "exp_avg_sq"):  # ... but Adam's moments of trial 1 never moved
+    for key in ("exp_avg", "exp_avg_sq"):  # ... but trial 1 never had a finite gradient
         assert torch.equal(adam[key][1], torch.zeros_like(adam[key][1])), key
         assert adam[key][[0, 2]].abs().sum() > 0
     assert torch.equal(theta[[0, 2]], clean.theta.detach()[[0, 2]])
     assert theta.isfinite().all()
     assert module.diverged_streak == [0, 3, 0]
+    assert not module.anchored[1] and module.anchored[[0, 2]].all()
 
     rows, reference = (
         read_csv(tmp_path / "huge" / "metrics.csv"),
@@ -88,9 +90,62 @@ def test_diverging_trial_is_frozen_and_flagged_and_the_others_are_unaffected(mak
         if row["trial"] == "1":
             assert row["meta_diverged"] == "1"
             assert row["meta_loss"] == row["meta_acc"] == row["angle_0"] == row["orth_3"] == "nan"
-            assert float(row["theta_2"]) == pytest.approx(HUGE, rel=1e-6)  # the last finite Θ
+            # the Θ this episode ran with: halved after every diverged episode
+            assert float(row["theta_2"]) == pytest.approx(HUGE * 0.5 ** int(row["episode"]), rel=1e-6)
         else:
             assert row == ref  # bit-identical text: the other trials never saw trial 1
+
+
+class BlowUpAt(L.Callback):
+    """Sets θ_2 of trial 1 to ``value`` just before episode ``episode``."""
+
+    def __init__(self, episode, value):
+        self.episode, self.value = episode, value
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.last = getattr(self, "current", None)
+        self.current = module.theta.detach().clone()  # the Θ this episode runs with
+        if trainer.global_step == self.episode:
+            self.exp_avg = trainer.optimizers[0].state[module.theta]["exp_avg"].clone()
+            with torch.no_grad():
+                module.theta[1, module.rule.terms.index(2)] = self.value
+                self.current = module.theta.detach().clone()
+
+
+def test_a_diverged_trial_steps_back_towards_its_last_finite_theta(make_cfg, tmp_path):
+    """Θ ← Θ_a + ρ (Θ - Θ_a) with Θ_a the Θ of the last finite episode; Adam's first moment × ρ."""
+    module = three_trials(make_cfg, tmp_path / "run")
+    blow_up = BlowUpAt(episode=2, value=HUGE)
+    trainer = L.Trainer(
+        max_steps=3,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[blow_up],
+        default_root_dir=str(tmp_path / "run"),
+    )
+    trainer.fit(module)
+    anchor, diverged = blow_up.last[1], blow_up.current[1]  # Θ of episode 1 (finite) and 2 (not)
+    assert diverged[module.rule.terms.index(2)] == HUGE
+    torch.testing.assert_close(module.theta.detach()[1], anchor + 0.5 * (diverged - anchor))
+    torch.testing.assert_close(module.theta_anchor[1], anchor)
+    adam = trainer.optimizers[0].state[module.theta]
+    torch.testing.assert_close(adam["exp_avg"][1], 0.5 * blow_up.exp_avg[1])
+    assert module.diverged_streak == [0, 1, 0]
+
+
+def test_backtracking_ends_a_divergence_streak_that_a_retry_of_the_same_theta_would_not(make_cfg, tmp_path):
+    module = three_trials(make_cfg, tmp_path / "run", huge=1e6, max_diverged=100)
+    fit(module, tmp_path / "run", 8)
+    flags = [int(row["meta_diverged"]) for row in read_csv(tmp_path / "run" / "metrics.csv")][1::3]
+    assert flags[0] == 1 and 0 in flags  # it diverged, then found a finite Θ again
+    first_finite = flags.index(0)
+    theta_2 = [float(row["theta_2"]) for row in read_csv(tmp_path / "run" / "metrics.csv")][1::3]
+    for episode in range(first_finite):  # each diverged episode halved the distance to Θ = 0
+        assert theta_2[episode + 1] == pytest.approx(theta_2[episode] / 2, rel=1e-6)
 
 
 def test_logged_scalars_leave_out_diverged_results():
@@ -117,7 +172,7 @@ def test_a_streak_of_diverged_episodes_stops_the_run_naming_trial_episode_and_th
     message = str(caught.value)
     assert "trial 1 diverged" in message
     assert "in 2 consecutive episodes, the last being episode 1 (meta.max_diverged=2)" in message
-    assert "last finite Θ: theta_0=0.001, theta_2=1e+30" in message
+    assert "it never had a finite episode; its last Θ: theta_0=0.0005, theta_2=5e+29" in message
     assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 2 * 3  # both episodes were written
 
 

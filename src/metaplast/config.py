@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from metaplast.episode import Rule
+from metaplast.term_scale import check_spec
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,11 @@ class FeedbackKind(Enum):
 class FeedbackInit(Enum):
     xavier_uniform = "xavier_uniform"
     xavier_normal = "xavier_normal"
+
+
+class SamplingMode(Enum):
+    fresh = "fresh"
+    authors = "authors"
 
 
 class RegKind(Enum):
@@ -73,6 +79,7 @@ class RuleConfig:
     per_layer: list[Any] | None = None
     theta0_init: float = 1e-3
     theta_init: float = 0.0
+    term_scale: Any = None  # null (plain Adam), auto (measured) or {term id: s}: Adam on s_r θ_r
 
 
 @dataclass
@@ -98,6 +105,8 @@ class MetaConfig:
     lr: float = 1e-3
     first_trial: int = 0
     max_diverged: int = 10  # consecutive diverged episodes of one trial that stop the run
+    backtrack: float = 0.5  # a diverged trial moves to Θ_a + backtrack (Θ - Θ_a), Θ_a: its last finite Θ
+    sampling: SamplingMode = SamplingMode.fresh  # fresh (metaplast) or authors (the authors' code)
 
 
 @dataclass
@@ -208,6 +217,17 @@ def validate(cfg) -> Rule:
         _fail("meta.first_trial", cfg.meta.first_trial, "an integer >= 0")
     if cfg.meta.max_diverged < 1:
         _fail("meta.max_diverged", cfg.meta.max_diverged, "an integer >= 1")
+    if not 0 <= cfg.meta.backtrack < 1:
+        _fail("meta.backtrack", cfg.meta.backtrack, "a number in [0, 1) (0: back to the last finite Θ)")
+    if cfg.meta.sampling == SamplingMode.authors and cfg.model.remap_labels:
+        allowed = "fresh with model.remap_labels=true (the authors' tasks can repeat a class)"
+        _fail("meta.sampling", "authors", allowed)
+    term_scale = cfg.rule.term_scale
+    term_scale = OmegaConf.to_container(term_scale) if OmegaConf.is_config(term_scale) else term_scale
+    try:
+        check_spec(term_scale)
+    except ValueError as error:
+        raise ConfigError(f"rule.term_scale={error}") from None
     for name in ("meta.lr", "reg.lam", "model.beta", "rule.theta0_init", "rule.theta_init"):
         if not math.isfinite(OmegaConf.select(cfg, name)):
             _fail(name, OmegaConf.select(cfg, name), "a finite number")

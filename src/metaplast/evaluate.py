@@ -36,11 +36,10 @@ from metaplast.config import (
     build_rule,
     hidden_sizes,
 )
-from metaplast.data import DataError
+from metaplast.data import DataError, trial_generators
 from metaplast.episode import Rule, inner_loop
 from metaplast.feedback import init_feedback
 from metaplast.metrics import episode_metrics
-from metaplast.module import trial_generators
 from metaplast.network import init_weights
 from metaplast.rules import TERM_IDS
 from metaplast.safety import write_text

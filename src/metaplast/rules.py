@@ -158,3 +158,34 @@ def plasticity_update(
     active = set(active)
     wt_y = y_post @ weight if active & USES_WT_Y else None  # (W^T y_l)^T, shape (T, B, m)
     return apply_update(weight, *update_factors(theta, active, y_pre, y_post, e_pre, e_post, z_post, wt_y))
+
+
+def term_norms(
+    weight: Tensor, y_pre: Tensor, y_post: Tensor, e_pre: Tensor, e_post: Tensor, z_post: Tensor
+) -> Tensor:
+    """Frobenius norms ``‖F^r‖`` of the ten terms of one layer at one online step, shape ``(T, 10)``.
+
+    Every term but F^3 is a scaled outer product ``u v^T`` with ``‖u v^T‖ = ‖u‖ ‖v‖``, so no
+    term is built. Shapes as in :func:`plasticity_update` with a batch of one sample.
+    """
+    if y_pre.shape[1] != 1:
+        raise ValueError(f"term_norms takes one sample per step (batch 1), got batch {y_pre.shape[1]}")
+    norm = lambda v: v.norm(dim=-1)[:, 0]  # noqa: E731
+    wt_y = y_post @ weight
+    y_w_e = (wt_y * e_pre).sum(-1)[:, 0].abs()  # |y_l^T W e_{l-1}|
+    e_y, y_e = norm(e_post) * norm(y_pre), norm(y_post) * norm(e_pre)
+    return torch.stack(
+        [
+            e_y,  # F^0
+            y_e,  # F^1
+            norm(e_post) * norm(e_pre),  # F^2
+            weight.flatten(1).norm(dim=1),  # F^3
+            y_post.shape[-1] ** 0.5 * norm(e_pre),  # F^4
+            y_post.sum(-1)[:, 0].abs() * e_y,  # F^5
+            y_w_e * y_e,  # F^6
+            y_w_e * e_y,  # F^7
+            (z_post * e_post).sum(-1)[:, 0].abs() * y_e,  # F^8
+            norm(y_post) * norm(y_pre - wt_y),  # F^9
+        ],
+        dim=1,
+    )

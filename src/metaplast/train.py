@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +18,8 @@ from metaplast import sweep
 from metaplast.config import ConfigError, hidden_sizes, register, validate
 from metaplast.data import DataError, load_dataset
 from metaplast.module import MetaPlasticity
-from metaplast.safety import CheckpointError, DivergenceError, SafeCheckpointIO
+from metaplast.safety import CheckpointError, DivergenceError, SafeCheckpointIO, load_checkpoint
+from metaplast.term_scale import calibrate, fixed_scales
 from metaplast.tracking import wandb_mode
 
 log = logging.getLogger("metaplast")
@@ -36,7 +38,40 @@ def load_data(cfg: DictConfig):
     )
 
 
-def build_module(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
+def term_scales(cfg: DictConfig, rule, data, sizes, ckpt_path: str | None) -> list[float] | None:
+    """The ``rule.term_scale`` scales, one per column of Θ: given, measured (``auto``: calibrated
+    before training, or read back from the checkpoint a resumed run continues), or None."""
+    spec = cfg.rule.term_scale
+    if spec is None:
+        return None
+    if spec != "auto":
+        return fixed_scales(OmegaConf.to_container(spec), rule.terms)
+    if ckpt_path:
+        saved = load_checkpoint(ckpt_path).get("metaplast_term_scale")
+        if saved is not None:
+            return saved
+    theta_row = torch.tensor([cfg.rule.theta0_init if r == 0 else cfg.rule.theta_init for r in rule.terms])
+    scales = calibrate(
+        data.images,
+        data.labels,
+        sizes,
+        rule,
+        theta_row,
+        cfg.feedback.kind.value,
+        cfg.feedback.init.value,
+        cfg.model.beta,
+        cfg.meta.M,
+        cfg.meta.K,
+        cfg.meta.Q,
+        cfg.meta.sampling.value,
+        cfg.model.remap_labels,
+    )
+    shown = ", ".join(f"s_{r}={s:.3g}" for r, s in zip(rule.terms, scales))
+    log.info("rule.term_scale=auto: measured per-term step scales %s", shown)
+    return scales
+
+
+def build_module(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -> MetaPlasticity:
     """Validate ``cfg`` against itself and its dataset, then build the LightningModule."""
     rule = validate(cfg)
     data = load_data(cfg)
@@ -44,6 +79,7 @@ def build_module(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
     sizes.append(cfg.meta.M if cfg.model.remap_labels else data.num_classes)
     meta = cfg.meta
     try:
+        scales = term_scales(cfg, rule, data, sizes, ckpt_path)
         return MetaPlasticity(
             data.images,
             data.labels,
@@ -69,6 +105,9 @@ def build_module(cfg: DictConfig, run_dir: Path) -> MetaPlasticity:
             csv_path=str(run_dir / "metrics.csv") if cfg.logger.csv else None,
             max_diverged=meta.max_diverged,
             recompute_segment=cfg.trainer.recompute_segment,
+            term_scale=scales,
+            sampling=meta.sampling.value,
+            backtrack=meta.backtrack,
         )
     except ValueError as error:  # the task sampler's checks of M, K and Q against the data
         raise ConfigError(f"meta.{error} (dataset {cfg.dataset.name!r})") from None
@@ -114,7 +153,8 @@ def run(
     :class:`SIGTERMException` is raised; a finished run writes ``result.json``.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg, run_dir)
+    ckpt_path = ckpt_path or cfg.ckpt_path
+    module = build_module(cfg, run_dir, ckpt_path)
     precision = {"32": "32-true", "64": "64-true"}.get(str(cfg.trainer.precision), cfg.trainer.precision)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -145,7 +185,7 @@ def run(
         default_root_dir=str(run_dir),
     )
     try:
-        trainer.fit(module, ckpt_path=ckpt_path or cfg.ckpt_path, weights_only=True)
+        trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
     finally:
         if logger:
             import wandb

@@ -3,7 +3,7 @@
 from metaplast.data.datasets import LOADERS, LabelledImages, data_root, load_dataset
 from metaplast.data.glyphs import GLYPH_CLASSES, generate_glyphs, load_glyphs
 from metaplast.data.idx import DataError, load_idx_pair, read_idx, write_idx
-from metaplast.data.sampler import Task, TaskSampler, stack_tasks
+from metaplast.data.sampler import Task, TaskSampler, stack_tasks, stream_seed, trial_generators
 
 __all__ = [
     "GLYPH_CLASSES",
@@ -19,5 +19,7 @@ __all__ = [
     "load_idx_pair",
     "read_idx",
     "stack_tasks",
+    "stream_seed",
+    "trial_generators",
     "write_idx",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -17,8 +18,14 @@ class Task(NamedTuple):
     y_query: torch.Tensor  # (M*Q,)
 
 
+#: How tasks are drawn: ``fresh`` (metaplast: M distinct classes, K + Q random images of each) or
+#: ``authors`` (the authors' code: M classes drawn with replacement, always the first K training and
+#: the next Q query images of each class in dataset order, so only K + Q images per class are used).
+SAMPLING_MODES = ("fresh", "authors")
+
+
 class TaskSampler:
-    """Draws tasks of M distinct classes with K training and Q query images each.
+    """Draws tasks of M classes with K training and Q query images each (see :data:`SAMPLING_MODES`).
 
     The training stream is shuffled across classes; query images are grouped by class.
     Labels keep their dataset ids unless remap_labels, which maps the i-th drawn class to i.
@@ -34,14 +41,22 @@ class TaskSampler:
         Q: int,
         seed: int,
         remap_labels: bool = False,
+        mode: str = "fresh",
     ) -> None:
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"sampling={mode!r}: allowed: {', '.join(SAMPLING_MODES)}")
+        if mode == "authors" and remap_labels:
+            raise ValueError(
+                "sampling='authors' draws classes with replacement, so a task can hold one class twice; "
+                "it needs remap_labels=false (labels keep their dataset ids, as in the authors' code)"
+            )
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         for name, value in (("M", M), ("K", K), ("Q", Q)):
             if value < 1:
                 raise ValueError(f"{name}={value}: must be >= 1")
         self.classes, counts = torch.unique(labels, return_counts=True)
-        if M > len(self.classes):
+        if M > len(self.classes) and mode == "fresh":
             raise ValueError(f"M={M}: must be <= {len(self.classes)}, the number of classes present")
         smallest = int(counts.argmin())
         if K + Q > counts[smallest]:
@@ -50,7 +65,7 @@ class TaskSampler:
                 f"of class {int(self.classes[smallest])} (the smallest class)"
             )
         self.images, self.labels = images, labels
-        self.M, self.K, self.Q, self.remap_labels = M, K, Q, remap_labels
+        self.M, self.K, self.Q, self.remap_labels, self.mode = M, K, Q, remap_labels, mode
         order = torch.argsort(labels, stable=True)
         self.class_indices = list(torch.split(order, counts.tolist()))
         self.generator = torch.Generator().manual_seed(seed)
@@ -58,11 +73,15 @@ class TaskSampler:
     def sample(self) -> Task:
         """Draw one task."""
         M, K, Q, g = self.M, self.K, self.Q, self.generator
-        chosen = torch.randperm(len(self.classes), generator=g)[:M]
-        picks = []
-        for c in chosen.tolist():
-            indices = self.class_indices[c]
-            picks.append(indices[torch.randperm(len(indices), generator=g)[: K + Q]])
+        if self.mode == "authors":  # with replacement; the first K + Q images of each class
+            chosen = torch.randint(len(self.classes), (M,), generator=g)
+            picks = [self.class_indices[c][: K + Q] for c in chosen.tolist()]
+        else:
+            chosen = torch.randperm(len(self.classes), generator=g)[:M]
+            picks = []
+            for c in chosen.tolist():
+                indices = self.class_indices[c]
+                picks.append(indices[torch.randperm(len(indices), generator=g)[: K + Q]])
         picks = torch.stack(picks)  # (M, K+Q) dataset indices
         train = picks[:, :K].reshape(-1)[torch.randperm(M * K, generator=g)]
         query = picks[:, K:].reshape(-1)
@@ -86,3 +105,14 @@ class TaskSampler:
 def stack_tasks(tasks: Sequence[Task]) -> Task:
     """Stack per-trial tasks along a new leading trials dimension."""
     return Task(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))
+
+
+def stream_seed(seed: int, trial: int, stream: int) -> int:
+    """Independent seed of one random stream of one trial (0: weights and feedback, 1: tasks,
+    2: the calibration episodes of ``rule.term_scale=auto``)."""
+    return int(np.random.SeedSequence([seed, trial, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def trial_generators(seed: int, trials, stream: int) -> list[torch.Generator]:
+    """One generator per trial id, seeded with :func:`stream_seed`."""
+    return [torch.Generator().manual_seed(stream_seed(seed, t, stream)) for t in trials]

@@ -1,0 +1,214 @@
+"""Discovery (the 10-term pool): per-term step scaling, the authors' task sampler.
+
+Term sizes against the literal dense terms; the automatic scales against an independent
+computation with the literal one-trial formulation; Adam on s θ against plain Adam.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metaplast import reference
+from metaplast.config import ConfigError, validate
+from metaplast.data import TaskSampler, load_dataset
+from metaplast.episode import Rule
+from metaplast.feedback import init_feedback
+from metaplast.network import BETA, init_weights
+from metaplast.rules import TERM_IDS, term_norms
+from metaplast.safety import CheckpointError, load_checkpoint, save_torch
+from metaplast.term_scale import calibrate, scales_from_ratios, term_ratios
+from metaplast.train import build_module, run
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+#: The hand-picked scales of the discovery issue (measured there to remove the divergence).
+HAND_PICKED = {3: 10, 4: 3, 5: 45, 6: 5, 7: 5, 8: 5, 9: 25}
+
+
+def test_term_norms_equal_the_norms_of_the_literal_dense_terms():
+    g = torch.Generator().manual_seed(0)
+    T, n, m = 3, 6, 5
+    W = torch.randn(T, n, m, generator=g, dtype=torch.float64) * 0.4
+    y_pre, y_post = torch.rand(T, 1, m, generator=g).double(), torch.rand(T, 1, n, generator=g).double()
+    e_pre, e_post = torch.randn(T, 1, m, generator=g).double(), torch.randn(T, 1, n, generator=g).double()
+    z_post = y_pre @ W.transpose(1, 2)
+    got = term_norms(W, y_pre, y_post, e_pre, e_post, z_post)
+    for t in range(T):
+        dense = reference.dense_terms(W[t], y_pre[t, 0], y_post[t, 0], e_pre[t, 0], e_post[t, 0])
+        expected = torch.stack([torch.linalg.matrix_norm(F) for F in dense])
+        torch.testing.assert_close(got[t], expected, rtol=1e-12, atol=1e-12)
+
+
+def literal_ratios(theta_row, rule, weights, feedback, kind, x, y):
+    """Per step and layer ‖F^r‖/‖F^0‖ of one trial, with the literal formulation of `reference`."""
+    coefficients = reference.layer_coefficients(theta_row, rule.terms, rule.layer_terms)
+    ratios = []
+    for xs, label in zip(x, y):
+        ws = weights
+        hs, zs = [xs], []
+        for i, W in enumerate(ws):
+            zs.append(W @ hs[-1])
+            hs.append(torch.softmax(zs[-1], 0) if i == len(ws) - 1 else reference.softplus(zs[-1], BETA))
+        es = [None] * (len(ws) + 1)
+        es[-1] = hs[-1] - torch.nn.functional.one_hot(label, hs[-1].shape[0]).double()
+        for l in range(len(ws), 0, -1):
+            B = ws[l - 1].T if kind == "bp" else feedback[l - 1]
+            es[l - 1] = (B @ es[l]) * (1 - torch.exp(-BETA * hs[l - 1]))
+        step = []
+        for l in range(1, len(ws) + 1):
+            dense = reference.dense_terms(ws[l - 1], hs[l - 1], hs[l], es[l - 1], es[l])
+            norms = torch.stack([torch.linalg.matrix_norm(F) for F in dense])
+            step.append(norms / norms[0])
+        ratios.append(torch.stack(step))
+        weights = reference.inner_step(ws, feedback, kind, coefficients, xs, int(label), BETA)
+    return torch.stack(ratios)  # (steps, L, 10)
+
+
+@pytest.mark.parametrize("kind", ["fa", "bp"])
+def test_automatic_scales_equal_an_independent_computation(kind):
+    sizes, trials, steps = [9, 7, 6, 4], 2, 12
+    generators = [torch.Generator().manual_seed(5 + t) for t in range(trials)]
+    weights = [w.double() for w in init_weights(sizes, generators)]
+    feedback = [b.double() for b in init_feedback(kind, sizes, generators)]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(trials, steps, sizes[0], generator=g, dtype=torch.float64)
+    y = torch.randint(0, sizes[-1], (trials, steps), generator=g)
+    rule = Rule.build(None, 3, per_layer=["pool", "bio", "pool"])
+    theta = torch.zeros(trials, len(rule.terms), dtype=torch.float64)
+    theta[:, 0], theta[:, rule.terms.index(9)] = 0.3, 0.05  # the loop must move W
+    got = term_ratios(theta, rule, weights, feedback, kind, x, y, BETA)
+    literal = torch.stack(
+        [
+            literal_ratios(
+                theta[t], rule, [w[t] for w in weights], [b[t] for b in feedback], kind, x[t], y[t]
+            )
+            for t in range(trials)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(got, literal, rtol=1e-9, atol=1e-12)
+    # quantile over steps and trials, maximum over the layers that use the term, at least 1
+    pooled = literal.flatten(0, 1).numpy()
+    expected = []
+    for r in rule.terms:
+        layers = [i for i, terms in enumerate(rule.layer_terms) if r in terms]
+        expected.append(max(1.0, max(np.quantile(pooled[:, i, r], 0.9) for i in layers)))
+    assert scales_from_ratios(got, rule) == pytest.approx(expected, rel=1e-9)
+    assert scales_from_ratios(got, rule)[rule.terms.index(5)] > 1  # F^5 = (Σy) F^0 is the largest
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_automatic_scales_land_within_2x_of_the_hand_picked_ones_on_fashion_mnist():
+    data = load_dataset("idx", FASHION, "test")
+    rule = Rule.build("pool", 5)
+    theta_row = torch.tensor([1e-3] + [0.0] * 9)
+    sizes = [784, 170, 130, 100, 70, 10]
+    scales = dict(
+        zip(
+            TERM_IDS,
+            calibrate(
+                data.images, data.labels, sizes, rule, theta_row, "fa", "xavier_uniform", BETA, 5, 50, 10
+            ),
+        )
+    )
+    for r in (0, 1, 2):
+        assert scales[r] == pytest.approx(1.0, abs=1e-6), (r, scales)  # no step is enlarged
+    for r in (3, 4, 5, 9):  # the terms larger than F^0: within 2x of the hand-picked scales
+        assert HAND_PICKED[r] / 2 <= scales[r] <= HAND_PICKED[r] * 2, (r, scales)
+
+
+def first_theta_step(make_cfg, tmp_path, name, *overrides):
+    (tmp_path / name).mkdir()
+    cfg = make_cfg("rule=pool", "meta.episodes=1", "trainer.precision=64-true", *overrides)
+    module = run(cfg, tmp_path / name)
+    start = torch.tensor([1e-3] + [0.0] * 9, dtype=torch.float64)
+    return module.theta.detach() - start
+
+
+def test_scaled_adam_takes_step_lr_over_s_and_unit_scales_are_plain_adam_bit_for_bit(make_cfg, tmp_path):
+    plain = first_theta_step(make_cfg, tmp_path, "plain")
+    ones = first_theta_step(
+        make_cfg, tmp_path, "ones", "rule.term_scale={" + ",".join(f"{r}:1" for r in range(10)) + "}"
+    )
+    assert torch.equal(plain, ones)  # φ = 1·θ: the same floating-point operations as plain Adam
+    scaled = first_theta_step(make_cfg, tmp_path, "scaled", "rule.term_scale={5:45,9:25.0,3:10}")
+    scale = torch.tensor([1, 1, 1, 10, 1, 45, 1, 1, 1, 25], dtype=torch.float64)
+    # Adam's first step is lr·g/(|g| + ε) in φ = s θ, i.e. about lr / s_r in θ_r
+    torch.testing.assert_close(scaled, plain / scale, rtol=1e-4, atol=1e-12)
+    assert plain.abs().min() > 0.9e-3  # the sign-like first step of plain Adam
+
+
+def test_automatic_scales_are_saved_and_a_resumed_run_keeps_them(make_cfg, tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    run(make_cfg("rule=pool", "rule.term_scale=auto", "trainer.checkpoint_every=3"), first)
+    result = json.loads((first / "result.json").read_text())
+    ckpt = load_checkpoint(first / "checkpoints" / "last.ckpt")
+    measured = ckpt["metaplast_term_scale"]
+    assert [result["term_scale"][str(r)] for r in range(10)] == measured
+    assert min(measured) >= 1 and max(measured) > 1
+    # a resumed run reads the scales from the checkpoint instead of measuring them again
+    ckpt["metaplast_term_scale"] = [s + 0.5 for s in measured]
+    save_torch(ckpt, first / "doctored.ckpt")
+    module = build_module(
+        make_cfg("rule=pool", "rule.term_scale=auto", "meta.episodes=4"), first, str(first / "doctored.ckpt")
+    )
+    assert module.term_scale.tolist() == [s + 0.5 for s in measured]
+    # a fixed setting that differs from the checkpoint's is refused
+    second = tmp_path / "second"
+    second.mkdir()
+    with pytest.raises(CheckpointError, match=r"rule.term_scale scales .* this run has None"):
+        run(
+            make_cfg("rule=pool", "meta.episodes=4", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"),
+            second,
+        )
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("often", r"rule.term_scale='often' is not allowed; allowed: null \(plain Adam\), auto"),
+        ("{12:3}", r"rule.term_scale=\{12: 3\}: 12 is not a term id; allowed: 0..9"),
+        ("{5:0}", r"rule.term_scale=\{5: 0\}: the scale must be a finite number > 0"),
+        ("{5:-2}", r"the scale must be a finite number > 0"),
+    ],
+)
+def test_bad_term_scales_are_refused_naming_the_value(make_cfg, value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg("rule=pool", f"rule.term_scale={value}"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["meta.backtrack=1"], r"meta.backtrack=1.0 is not allowed; allowed: a number in \[0, 1\)"),
+        (["meta.sampling=authors", "model.remap_labels=true"], "meta.sampling='authors' is not allowed"),
+    ],
+)
+def test_bad_meta_options_are_refused(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg(*overrides))
+
+
+def test_authors_sampler_uses_the_first_k_plus_q_images_of_each_class_and_draws_with_replacement():
+    labels = torch.arange(6).repeat_interleave(20)[
+        torch.randperm(120, generator=torch.Generator().manual_seed(0))
+    ]
+    images = torch.arange(120, dtype=torch.float32)[:, None]  # an image is its own dataset index
+    sampler = TaskSampler(images, labels, M=5, K=3, Q=2, seed=1, mode="authors")
+    first = {c: torch.nonzero(labels == c).flatten()[:5] for c in range(6)}  # dataset order
+    repeats = 0
+    for _ in range(200):
+        task = sampler.sample()
+        drawn = task.y_query.view(5, 2)[:, 0]
+        repeats += len(set(drawn.tolist())) < 5
+        for i, c in enumerate(drawn.tolist()):
+            assert task.x_query[2 * i : 2 * i + 2, 0].long().tolist() == first[c][3:].tolist()
+        train = sorted(task.x_train[:, 0].long().tolist())
+        assert train == sorted(sum((first[c][:3].tolist() for c in drawn.tolist()), []))
+    # with replacement: P(5 distinct of 6) = 6·5·4·3·2 / 6^5 ≈ 0.093, so most tasks repeat a class
+    assert 150 < repeats < 200
+    fresh = TaskSampler(images, labels, M=5, K=3, Q=2, seed=1)
+    assert all(len(set(fresh.sample().y_query.tolist())) == 5 for _ in range(50))
