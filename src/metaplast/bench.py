@@ -26,9 +26,13 @@ from math import nan
 import torch
 
 from metaplast import reference
-from metaplast.episode import Rule, inner_loop, query_loss
-from metaplast.feedback import FEEDBACK_KINDS, init_feedback
-from metaplast.network import BETA, init_weights
+from metaplast.core.inner_loop import Learner, State, inner_loop
+from metaplast.core.networks import BETA, MLP
+from metaplast.core.pathways import make_pathway
+from metaplast.core.rules import Rule
+
+#: The pathways the benchmark (and the literal baseline of :mod:`metaplast.reference`) covers.
+FEEDBACK_KINDS = ("bp", "fa", "dfa")
 
 PAPER_SIZES = [784, 170, 130, 100, 70, 47]
 #: Θ of the benchmark: the paper's surviving values (Table S1) for θ_0, θ_2, θ_9, 1e-3 elsewhere.
@@ -44,6 +48,7 @@ def sparse_images(trials, count, pixels, generator):
 def make_inputs(sizes, rule_spec, kind, trials, steps, query, seed=0, dtype=torch.float32, device="cpu"):
     """Fresh W, B, one task per trial (``steps`` training and ``query`` query samples) and Θ."""
     rule = Rule.build(rule_spec, len(sizes) - 1)
+    learner = Learner(MLP(tuple(sizes)), make_pathway(kind), rule)
     generators = [torch.Generator().manual_seed(seed * 1000 + t) for t in range(trials)]
     g = torch.Generator().manual_seed(seed)
     ways = min(5, sizes[-1])  # 5-way tasks, labels keep their class ids
@@ -51,11 +56,13 @@ def make_inputs(sizes, rule_spec, kind, trials, steps, query, seed=0, dtype=torc
     pick = lambda n: classes.gather(1, torch.randint(0, ways, (trials, n), generator=g))  # noqa: E731
     theta = torch.tensor([[THETA_VALUES.get(r, 1e-3) for r in rule.terms]]).repeat(trials, 1)
     to = dict(dtype=dtype, device=device)
+    state = learner.init_state(generators)
     return dict(
         rule=rule,
         kind=kind,
-        weights=[w.to(**to) for w in init_weights(sizes, generators)],
-        feedback=[b.to(**to) for b in init_feedback(kind, sizes, generators)],
+        learner=learner,
+        weights=[w.to(**to) for w in state.weights],
+        feedback=[b.to(**to) for b in state.feedback],
         x=sparse_images(trials, steps, sizes[0], g).to(**to),
         y=pick(steps).to(device),
         xq=sparse_images(trials, query, sizes[0], g).to(**to),
@@ -67,20 +74,19 @@ def make_inputs(sizes, rule_spec, kind, trials, steps, query, seed=0, dtype=torc
 def run_metaplast(inputs, recompute_segment=0):
     """Adapted weights and meta-gradient dΣ_trials L_query/dΘ of all trials at once."""
     theta = inputs["theta"].clone().requires_grad_()
+    learner = inputs["learner"]
+    state = State(inputs["weights"], inputs["feedback"])
     adapted = inner_loop(
-        theta,
-        inputs["rule"],
-        inputs["weights"],
-        inputs["feedback"],
-        inputs["kind"],
+        learner,
+        state,
+        {"theta": theta},
         inputs["x"],
         inputs["y"],
-        BETA,
-        True,
-        recompute_segment,
+        "fused",
+        recompute_segment=recompute_segment,
     )
-    (grad,) = torch.autograd.grad(query_loss(adapted, inputs["xq"], inputs["yq"]).sum(), theta)
-    return [w.detach() for w in adapted], grad
+    (grad,) = torch.autograd.grad(learner.query_loss(adapted, inputs["xq"], inputs["yq"]).sum(), theta)
+    return [w.detach() for w in adapted.weights], grad
 
 
 def run_baseline(inputs, trial):

@@ -1,0 +1,1 @@
+"""Analysis: the run-directory reader, results, statistics, report and sweep tables (no runner imports)."""

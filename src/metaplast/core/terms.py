@@ -1,0 +1,183 @@
+"""The plasticity terms F^0..F^9 (Methods, Eqs. 14-23), factorised, and the feedback terms of Eq. 9.
+
+Every forward term but the decay F^3 is a scaled outer product ``left^T right`` whose left
+vector is e_ℓ, y_ℓ or 1; so the whole update of one layer is the rank-3 product
+``e_ℓ a^T + y_ℓ b^T + 1 c^T - θ_3 W`` (summed over the batch dimension, 1 online), and no
+``(n × n)`` matrix is ever built. A term is one entry of :data:`TERMS`: which left vector it
+has and a function giving its right vector. A new term joins with one function and one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class LayerSignals(NamedTuple):
+    """What a term of layer ℓ may use, all ``(T, B, ·)``: presynaptic ``y_pre = y_{ℓ-1}``,
+    ``e_pre = e_{ℓ-1}``, postsynaptic ``y_post = y_ℓ``, ``e_post = e_ℓ``, ``z_post = z_ℓ`` and
+    ``wt_y = y_ℓ W`` (``(W^T y_ℓ)^T``, only computed when a term needs it)."""
+
+    y_pre: Tensor
+    y_post: Tensor
+    e_pre: Tensor
+    e_post: Tensor
+    z_post: Tensor
+    wt_y: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Term:
+    """``F = left^T right`` with ``left`` one of ``e`` (e_ℓ), ``y`` (y_ℓ), ``1``; or ``left = "W"``:
+    ``F = right · W`` with a scalar right (the decay F^3)."""
+
+    left: str
+    right: Callable[[LayerSignals], Tensor]
+    formula: str
+    needs_wt_y: bool = False
+
+
+def _y_w_e(s: LayerSignals) -> Tensor:
+    return (s.wt_y * s.e_pre).sum(-1, keepdim=True)  # y_ℓ^T W e_{ℓ-1}
+
+
+#: The pool of Eqs. 14-23: term id -> Term (left vector, right vector, formula).
+TERMS: dict[int, Term] = {
+    0: Term("e", lambda s: -s.y_pre, "-e_l y_{l-1}^T"),
+    1: Term("y", lambda s: -s.e_pre, "-y_l e_{l-1}^T"),
+    2: Term("e", lambda s: -s.e_pre, "-e_l e_{l-1}^T"),
+    3: Term("W", lambda s: -1.0, "-W"),
+    4: Term("1", lambda s: -s.e_pre, "-1 e_{l-1}^T"),
+    5: Term("e", lambda s: -s.y_post.sum(-1, keepdim=True) * s.y_pre, "-e_l 1^T y_l y_{l-1}^T"),
+    6: Term("y", lambda s: -_y_w_e(s) * s.e_pre, "-y_l y_l^T W e_{l-1} e_{l-1}^T", needs_wt_y=True),
+    7: Term("e", lambda s: -_y_w_e(s) * s.y_pre, "-e_l y_l^T W e_{l-1} y_{l-1}^T", needs_wt_y=True),
+    8: Term(
+        "y",
+        lambda s: -(s.z_post * s.e_post).sum(-1, keepdim=True) * s.e_pre,
+        "-y_l y_{l-1}^T W^T e_l e_{l-1}^T",
+    ),
+    9: Term("y", lambda s: s.y_pre - s.wt_y, "y_l y_{l-1}^T - y_l y_l^T W", needs_wt_y=True),
+}
+TERM_IDS = tuple(TERMS)
+TERM_COUNT = len(TERMS)
+TERM_FORMULAS = {r: term.formula for r, term in TERMS.items()}
+#: Terms that need ``W^T y_l`` (the product ``y_l^T W`` of Eqs. 19, 20 and 23).
+USES_WT_Y = frozenset(r for r, term in TERMS.items() if term.needs_wt_y)
+
+
+def _left(name: str, s: LayerSignals) -> Tensor:
+    if name == "1":
+        return torch.ones_like(s.y_post)
+    return s.e_post if name == "e" else s.y_post
+
+
+def update_factors(
+    theta: Tensor, active: Iterable[int], signals: LayerSignals
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``Σ_r θ_r F^r`` of one layer as ``(left, right, decay)``: the update is ``left^T right - decay W``.
+
+    ``theta (T, 10)`` holds every term's coefficient (zero where inactive); ``active`` lists the
+    terms to compute. ``left (T, k, n)`` stacks ``e_ℓ, y_ℓ, 1`` (those with a non-zero right
+    vector), ``right (T, k, m)`` the sums of their terms' ``θ_r ·`` right vectors; ``decay (T, 1, 1)``
+    is ``-Σ θ_r right_r`` of the W terms (θ_3 for F^3), or None.
+    """
+    rights: dict[str, Tensor] = {}
+    for r in sorted(set(active)):
+        term = TERMS[r]
+        value = theta[:, r, None, None] * term.right(signals)
+        rights[term.left] = value if term.left not in rights else rights[term.left] + value
+    decay = -rights.pop("W") if "W" in rights else None
+    order = [name for name in ("e", "y", "1") if name in rights]
+    if not order:
+        return None, None, decay
+    lefts = [_left(name, signals) for name in order]
+    if len(order) == 1:
+        return lefts[0], rights[order[0]], decay
+    return torch.cat(lefts, dim=1), torch.cat([rights[name] for name in order], dim=1), decay
+
+
+def apply_update(weight: Tensor, left: Tensor | None, right: Tensor | None, decay: Tensor | None) -> Tensor:
+    """``W (1 - decay) + left^T right``: one batched rank-k product (no ``(n × n)`` matrix)."""
+    base = weight * (1 - decay) if decay is not None else weight
+    if left is None:
+        return base
+    return torch.baddbmm(base, left.transpose(1, 2), right)
+
+
+def layer_signals(
+    weight: Tensor, active: Iterable[int], y_pre, y_post, e_pre, e_post, z_post
+) -> LayerSignals:
+    """The :class:`LayerSignals` of one layer, with ``wt_y = y_ℓ W`` only when a term needs it."""
+    wt_y = y_post @ weight if USES_WT_Y & set(active) else None
+    return LayerSignals(y_pre, y_post, e_pre, e_post, z_post, wt_y)
+
+
+def plasticity_update(
+    weight: Tensor,
+    theta: Tensor,
+    active: Iterable[int],
+    y_pre: Tensor,
+    y_post: Tensor,
+    e_pre: Tensor,
+    e_post: Tensor,
+    z_post: Tensor,
+) -> Tensor:
+    """``W + Σ_r θ_r F^r`` for one layer (Eqs. 5, 14-23), all trials at once.
+
+    Shapes: ``weight (T, n, m)``, ``theta (T, 10)``, ``y_pre, e_pre (T, B, m)``,
+    ``y_post, e_post, z_post (T, B, n)``. ``active`` lists the terms to compute;
+    the others are skipped (their θ is zero). With ``B > 1`` the outer products
+    are summed over the batch.
+    """
+    signals = layer_signals(weight, active, y_pre, y_post, e_pre, e_post, z_post)
+    return apply_update(weight, *update_factors(theta, active, signals))
+
+
+def dense_update(coefficients: Mapping[int, Tensor], weight: Tensor, signals: LayerSignals) -> Tensor:
+    """``Σ_r C_r ⊙ F^r`` with any coefficient shape that broadcasts to ``(T, n, m)`` — per trial
+    ``(T, 1, 1)``, or per synapse ``(T, n, m)`` — each term built as its ``(T, n, m)`` matrix."""
+    total = torch.zeros_like(weight)
+    for r, coefficient in coefficients.items():
+        term = TERMS[r]
+        if term.left == "W":
+            total = total + coefficient * term.right(signals) * weight
+        else:
+            left = _left(term.left, signals)
+            total = total + coefficient * (left.transpose(1, 2) @ term.right(signals))
+    return total
+
+
+def term_norms(weight: Tensor, signals: LayerSignals) -> Tensor:
+    """Frobenius norms ``‖F^r‖`` of every term of one layer at one online step, shape ``(T, R)``.
+
+    Every term but F^3 is an outer product with ``‖u v^T‖ = ‖u‖ ‖v‖``, so no term is built.
+    Takes one sample per step (batch 1); ``signals.wt_y`` must be given.
+    """
+    if signals.y_pre.shape[1] != 1:
+        raise ValueError(
+            f"term_norms takes one sample per step (batch 1), got batch {signals.y_pre.shape[1]}"
+        )
+    norms = []
+    for term in TERMS.values():
+        if term.left == "W":
+            norms.append(weight.flatten(1).norm(dim=1) * abs(term.right(signals)))
+        else:
+            left, right = _left(term.left, signals), term.right(signals)
+            norms.append(left.norm(dim=-1)[:, 0] * right.norm(dim=-1)[:, 0])
+    return torch.stack(norms, dim=1)
+
+
+# ---------------------------------------------------------------- feedback terms (Eq. 9)
+
+#: Terms of a plastic feedback pathway's rule ``ΔB_{ℓ,ℓ-1} = Σ_k ψ_k G^k`` (Oja paper Eq. 9),
+#: in metaplast's layout ``B_{ℓ,ℓ-1}: (dim y_{ℓ-1}, dim y_ℓ)``, which sends ``e_ℓ`` to layer ℓ-1.
+#: Eq. 9 writes ``ΔB = -θ_4 y_ℓ e_{ℓ-1}^T + θ_9 B``: ψ_0 is its θ_4, ψ_1 its θ_9 (its θ_4 and θ_9
+#: are not the pool's F^4 and F^9). Each function takes ``(B, y_post, e_pre)`` and returns G^k.
+FEEDBACK_TERMS: dict[int, tuple[Callable[[Tensor, Tensor, Tensor], Tensor], str]] = {
+    0: (lambda B, y_post, e_pre: -(e_pre.transpose(1, 2) @ y_post), "-(y_l e_{l-1}^T)^T"),
+    1: (lambda B, y_post, e_pre: B, "B"),
+}

@@ -1,0 +1,1 @@
+"""The runner (Lightning + Hydra): config schema, module, entry points, callbacks, resume, tracking."""

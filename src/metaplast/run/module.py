@@ -1,0 +1,263 @@
+"""The LightningModule of Algorithm 1: it owns the meta-parameters and Adam; one step is one episode."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from metaplast.core.inner_loop import inner_loop
+from metaplast.core.meta import MetaParameters, regulariser
+from metaplast.core.metrics import episode_metrics
+from metaplast.data import LabelledImages, TaskSampler, stack_tasks, stream_seed, trial_generators
+from metaplast.run.config import Config, build_learner, build_rule, theta_init_row
+from metaplast.run.tracking import EpisodeCSV, episode_record, flag_diverged, logged_scalars
+from metaplast.safety import CheckpointError, DivergenceError
+
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*that ended before the epoch ended.*")
+
+#: Random streams of a trial (metaplast.data.stream_seed): 0 weights and feedback of each episode,
+#: 1 tasks, 4 the starting values of meta-learned matrices and weights.
+STREAM_INIT, STREAM_TASKS, STREAM_LEARNED = 0, 1, 4
+
+
+class MetaPlasticity(L.LightningModule):
+    """Meta-learns the meta-parameters of ``trials`` independent trials (the leading dimension).
+
+    Trial ``i`` has its own W, B and task stream. The meta-loss of all trials is summed, so
+    each trial's rows get exactly the Adam step they would get alone (Adam is element-wise).
+    With ``term_scale`` (one ``s_r`` per column of Θ, :mod:`metaplast.core.meta`) Adam runs on
+    ``s_r θ_r``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        data: LabelledImages,
+        term_scale: list[float] | None = None,
+        csv_path: str | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+        meta = cfg.meta
+        self.rule = build_rule(cfg)
+        output = meta.M if cfg.model.remap_labels else data.num_classes
+        self.learner = build_learner(cfg, data.images.shape[1], output, self.rule)
+        self.trial_ids = list(range(meta.first_trial, meta.first_trial + meta.trials))
+        learned = trial_generators(cfg.seed, self.trial_ids, STREAM_LEARNED)
+        sizes = self.learner.network.sizes
+        feedback = self.learner.pathway.init_feedback(sizes, learned, cfg.feedback.init.value)
+        weights = self.learner.network.init_weights(learned)
+        self.meta = MetaParameters(
+            self.learner,
+            meta.trials,
+            theta_init_row(cfg, self.rule),
+            cfg.feedback.psi_init,
+            feedback if cfg.feedback.learn else None,
+            {layer: weights[layer] for layer in cfg.model.learn_init or []},
+        )
+        self.term_scale = None if term_scale is None else torch.tensor(term_scale)
+        self.init_generators = trial_generators(cfg.seed, self.trial_ids, STREAM_INIT)
+        self.samplers = [
+            TaskSampler(
+                data.images,
+                data.labels,
+                meta.M,
+                meta.K,
+                meta.Q,
+                stream_seed(cfg.seed, t, STREAM_TASKS),
+                cfg.model.remap_labels,
+                meta.sampling.value,
+            )
+            for t in self.trial_ids
+        ]
+        self.csv = EpisodeCSV(csv_path) if csv_path else None
+        self.diverged_streak = [0] * meta.trials  # consecutive diverged episodes of each trial
+        # The meta-parameters of each trial's last finite episode (the target of a backtracking
+        # step); before any, zeros: Θ = 0 is the rule that changes nothing, always finite.
+        self.anchor = [torch.zeros_like(p) for p in self.meta.parameters()]
+        self.anchored = torch.zeros(meta.trials, dtype=torch.bool)
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """Θ of shape ``(trials, R)`` (shared), ``(trials, L, R)`` (per layer)."""
+        return self.meta.theta
+
+    def train_dataloader(self):
+        # The tasks are drawn in training_step from the samplers the checkpoint restores;
+        # the loader only paces the episodes.
+        return DataLoader(range(self.cfg.meta.episodes), batch_size=None)
+
+    def configure_optimizers(self):
+        lr = self.cfg.meta.lr
+        rates = {"theta": lr, "psi": self.cfg.feedback.lr, "feedback": self.cfg.feedback.lr}
+        rates["init"] = self.cfg.model.init_lr
+        groups = [
+            {"params": params, "lr": rates[name] if rates[name] is not None else lr, "name": name}
+            for name, params in self.meta.groups().items()
+        ]
+        return torch.optim.Adam(groups, lr=lr)
+
+    def on_train_start(self):
+        if self.csv is not None:
+            self.csv.truncate_from(self.global_step)
+
+    def regularisation(self) -> torch.Tensor:
+        """λ R(Θ) (Eq. 6, Eq. S.16) plus the regularisers of the other meta-parameter groups, per trial."""
+        cfg, groups = self.cfg, self.meta.groups()
+        total = cfg.reg.lam * regulariser(groups["theta"], cfg.reg.kind.value)
+        if "feedback" in groups:
+            total = total + cfg.feedback.lam * regulariser(groups["feedback"], cfg.feedback.reg.value)
+        if "init" in groups:
+            total = total + cfg.model.init_lam * regulariser(groups["init"], cfg.model.init_reg.value)
+        return total
+
+    def training_step(self, batch, batch_idx):
+        cfg, like = self.cfg, self.meta.groups()["theta"][0]
+        task = stack_tasks([sampler.sample() for sampler in self.samplers])
+        x_train, x_query = (x.to(like) for x in (task.x_train, task.x_query))
+        y_train, y_query = task.y_train.to(like.device), task.y_query.to(like.device)
+        meta = self.meta.as_meta()
+        state = self.learner.init_state(self.init_generators, cfg.feedback.init.value, meta, like=like)
+        adapted = inner_loop(
+            self.learner,
+            state,
+            meta,
+            x_train,
+            y_train,
+            cfg.meta.gradient.value,
+            cfg.meta.batch,
+            cfg.meta.truncate,
+            cfg.trainer.recompute_segment,
+        )
+        loss = self.learner.query_loss(adapted, x_query, y_query) + self.regularisation()
+        metrics = episode_metrics(self.learner, adapted.detach(), x_query, y_query)
+        record = episode_record(self.meta, self.rule.terms, metrics, loss)
+        # Divergence: non-finite activations show in the weights, the loss or the metrics.
+        finite = loss.detach().isfinite()
+        for value in [*adapted.weights, *adapted.feedback, *metrics.values()]:
+            finite &= value.detach().reshape(len(finite), -1).isfinite().all(1)
+        self._episode = (self.global_step, record, finite)  # logged in on_train_batch_end
+        return torch.where(finite, loss, torch.zeros_like(loss)).sum()
+
+    # --- per-term step scaling: Adam on s_r θ_r (metaplast.core.meta) ---
+    def _scale_theta(self, multiply: bool, with_grad: bool = False) -> None:
+        if self.term_scale is None:
+            return
+        with torch.no_grad():
+            for theta in self.meta.groups()["theta"]:
+                scale = self.term_scale.to(theta)
+                theta.mul_(scale) if multiply else theta.div_(scale)
+                if with_grad and theta.grad is not None:
+                    theta.grad.div_(scale)
+
+    def on_before_optimizer_step(self, optimizer):
+        """Called after the backward pass: hand Adam ``φ = s θ`` and ``dL/dφ = dL/dθ / s``."""
+        self._scale_theta(multiply=True, with_grad=True)
+
+    # --- divergence: a diverged trial backtracks towards its last finite meta-parameters ---
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Adam's step; then each diverged trial takes a backtracking step instead.
+
+        A trial whose episode diverged with meta-parameters P moves to ``P_a + ρ (P - P_a)``,
+        where P_a are those of its last finite episode (0 before any) and ρ = ``meta.backtrack``,
+        and the first moment of its Adam state is multiplied by ρ (its second moment is kept),
+        so it neither re-runs what diverged nor loses its progress; consecutive divergences
+        shrink the distance again and again. Adam's step count advances for all trials.
+        """
+        state = getattr(optimizer, "optimizer", optimizer).state
+        params = list(self.meta.parameters())
+        before = [{k: v.clone() for k, v in state.get(p, {}).items() if torch.is_tensor(v)} for p in params]
+        values = [p.detach().clone() for p in params]
+        optimizer.step(closure=optimizer_closure)
+        self._scale_theta(multiply=False)
+        episode, record, finite = self._episode
+        for p in params:
+            finite = finite & p.detach().reshape(len(finite), -1).isfinite().all(1)
+            if p.grad is not None:
+                finite &= p.grad.reshape(len(finite), -1).isfinite().all(1)
+        diverged = ~finite
+        rho = self.cfg.meta.backtrack
+        with torch.no_grad():
+            for p, value, old, anchor in zip(params, values, before, self.anchor):
+                if diverged.any():
+                    target = anchor.to(value)[diverged]
+                    p[diverged] = target + rho * (value[diverged] - target)
+                    for key, moment in state.get(p, {}).items():
+                        if torch.is_tensor(moment) and moment.shape == p.shape:
+                            moment[diverged] = old[key][diverged] if key in old else 0
+                    if "exp_avg" in state.get(p, {}):
+                        state[p]["exp_avg"][diverged] *= rho
+                anchor[finite.to(anchor.device)] = value[finite].to(anchor)
+            self.anchored |= finite.cpu()
+        self.diverged_streak = [n + 1 if d else 0 for n, d in zip(self.diverged_streak, diverged.tolist())]
+        self._episode = (episode, flag_diverged(record, diverged), diverged.cpu())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        """Log and write the episode; stop when a trial diverged ``max_diverged`` times in a row."""
+        episode, record, diverged = self._episode
+        self.log_dict(logged_scalars(record, self.trial_ids), on_step=True, on_epoch=False, batch_size=1)
+        if "meta/acc" in record and not diverged.all():
+            acc = record["meta/acc"][~diverged].mean().item()
+            self.log("acc", acc, prog_bar=True, logger=False, batch_size=1)
+        if self.csv is not None:
+            self.csv.append(episode, self.trial_ids, record)
+        limit = self.cfg.meta.max_diverged
+        for index, (trial, streak) in enumerate(zip(self.trial_ids, self.diverged_streak)):
+            if streak >= limit:
+                if self.anchored[index]:
+                    where, row = (
+                        "its Θ in its last finite episode",
+                        self.anchor[0][index].reshape(-1, len(self.rule.terms))[0],
+                    )
+                else:
+                    where, row = "it never had a finite episode; its last Θ", record_theta(record, index)
+                theta = ", ".join(f"theta_{r}={v:.6g}" for r, v in zip(self.rule.terms, row.tolist()))
+                raise DivergenceError(
+                    f"trial {trial} diverged (non-finite weights, activations or meta-loss) in {streak} "
+                    f"consecutive episodes, the last being episode {episode} "
+                    f"(meta.max_diverged={limit}); {where}: {theta}"
+                )
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["metaplast_streams"] = {
+            "init": [g.get_state() for g in self.init_generators],
+            "tasks": [s.state_dict() for s in self.samplers],
+        }
+        checkpoint["metaplast_diverged_streak"] = list(self.diverged_streak)
+        checkpoint["metaplast_backtrack"] = {
+            "anchor": [a.clone() for a in self.anchor],
+            "anchored": self.anchored,
+        }
+        if self.term_scale is not None:
+            checkpoint["metaplast_term_scale"] = self.term_scale.tolist()
+
+    def on_load_checkpoint(self, checkpoint):
+        streams = checkpoint["metaplast_streams"]
+        for generator, state in zip(self.init_generators, streams["init"]):
+            generator.set_state(state)
+        for sampler, state in zip(self.samplers, streams["tasks"]):
+            sampler.load_state_dict(state)
+        self.diverged_streak = list(checkpoint.get("metaplast_diverged_streak", self.diverged_streak))
+        if "metaplast_backtrack" in checkpoint:
+            self.anchor = [a.clone() for a in checkpoint["metaplast_backtrack"]["anchor"]]
+            self.anchored = checkpoint["metaplast_backtrack"]["anchored"].clone()
+        saved = checkpoint.get("metaplast_term_scale")
+        current = None if self.term_scale is None else self.term_scale.tolist()
+        if saved != current:
+            raise CheckpointError(
+                f"the checkpoint was made with rule.term_scale scales {saved}, this run has {current}; "
+                "resume with the checkpoint's own setting"
+            )
+
+
+def record_theta(record: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+    """The shared Θ row of trial ``index`` in an episode record (the Θ that episode used)."""
+    return torch.stack(
+        [value[index] for key, value in record.items() if key.count("/") == 1 and key.startswith("theta/")]
+    )

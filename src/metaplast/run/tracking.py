@@ -1,0 +1,165 @@
+"""Where results go: one CSV row per episode and trial, W&B key names and mode."""
+
+from __future__ import annotations
+
+import csv
+import io
+import netrc
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from metaplast.safety import write_text
+
+
+def meta_columns(meta, terms) -> dict[str, torch.Tensor]:
+    """Per-trial columns of the meta-parameters: ``theta/<r>`` (Θ shared by all layers),
+    ``theta/layer<ℓ>/<r>`` (per layer; per synapse: the mean over the layer's synapses), and a
+    plastic pathway's ``psi/<k>`` (Eq. 9's feedback-rule coefficients, not pool terms)."""
+    theta = meta.theta
+    columns = {}
+    if isinstance(theta, torch.nn.ParameterList):
+        for layer, values in enumerate(theta):
+            mean = values.mean((1, 2))
+            columns.update({f"theta/layer{layer}/{r}": mean[:, i] for i, r in enumerate(terms)})
+    elif theta.dim() == 2:
+        columns.update({f"theta/{r}": theta[:, i] for i, r in enumerate(terms)})
+    else:
+        for layer in range(theta.shape[1]):
+            columns.update({f"theta/layer{layer}/{r}": theta[:, layer, i] for i, r in enumerate(terms)})
+    if hasattr(meta, "psi"):
+        columns.update({f"psi/{k}": meta.psi[:, k] for k in range(meta.psi.shape[1])})
+    return columns
+
+
+def episode_record(meta, terms, metrics: dict[str, torch.Tensor], total_loss: torch.Tensor):
+    """Per-trial columns of one episode: meta/loss, meta/acc, the meta-parameters, angle/<l>, orth/<l>.
+
+    Angles are indexed l = 0..L-1 and orthonormality errors l = 1..L, as in the papers.
+    Values are ``(trials,)`` tensors.
+    """
+    record = {"meta/loss": metrics["loss"], "meta/loss_total": total_loss}
+    if "acc" in metrics:
+        record["meta/acc"] = metrics["acc"]
+    record.update(meta_columns(meta, terms))
+    record.update({f"angle/{l}": metrics["angle"][:, l] for l in range(metrics["angle"].shape[1])})
+    record.update({f"orth/{l + 1}": metrics["orth"][:, l] for l in range(metrics["orth"].shape[1])})
+    # A copy: the meta-parameters change in place at the optimizer step, after the record is taken.
+    return {key: value.detach().double().cpu().clone() for key, value in record.items()}
+
+
+def is_meta_parameter(key: str) -> bool:
+    """Keys of meta-parameters (kept for a diverged trial: the values it ran with), not results."""
+    return key.startswith(("theta/", "psi/"))
+
+
+def flag_diverged(record: dict[str, torch.Tensor], diverged: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Add ``meta/diverged`` (1.0 or 0.0 per trial) and blank the results of diverged trials.
+
+    A diverged trial's losses, accuracy, angles and orthonormality errors become NaN
+    here (they are not results), while its ``theta/<r>`` keep its last finite Θ.
+    """
+    diverged = diverged.detach().bool().cpu()
+    flagged = {"meta/diverged": diverged.double()}
+    for key, values in record.items():
+        flagged[key] = values if is_meta_parameter(key) else values.masked_fill(diverged, float("nan"))
+    return flagged
+
+
+def logged_scalars(record: dict[str, torch.Tensor], trial_ids: list[int]) -> dict[str, float]:
+    """Mean over trials under each key, and each trial under ``<key>/trial_<i>``.
+
+    With a ``meta/diverged`` column the results of diverged trials are left out: the
+    means run over the finite trials (a key is dropped when none is left) and a
+    diverged trial logs only its flag and its Θ, so no NaN reaches W&B as a result.
+    """
+    diverged = record.get("meta/diverged", torch.zeros(len(trial_ids))).bool()
+    scalars = {}
+    for key, values in record.items():
+        keep = torch.ones_like(diverged) if key == "meta/diverged" or is_meta_parameter(key) else ~diverged
+        if keep.any():
+            scalars[key] = float(values[keep].mean())
+        scalars.update(
+            {f"{key}/trial_{t}": float(v) for t, v, k in zip(trial_ids, values.tolist(), keep) if k}
+        )
+    return scalars
+
+
+class EpisodeCSV:
+    """``metrics.csv``: one row per episode and trial, rewritten atomically each episode, resumable.
+
+    The whole file is written to a temporary file and renamed (metaplast.safety), so a
+    crash leaves the previous complete file. A diverged trial's row has ``meta_diverged``
+    = 1 and ``nan`` in every result cell (no result, marked by the flag); its ``theta_<r>``
+    are its last finite Θ.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._text: str | None = None  # the file's content, so an episode costs one write, no read
+
+    def _rows(self) -> list[list[str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as handle:
+            return list(csv.reader(handle))
+
+    def truncate_from(self, episode: int) -> None:
+        """Drop rows of ``episode`` and later (a resumed run writes them again)."""
+        rows = self._rows()
+        if rows:
+            header = rows[0]
+            kept = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) < episode]
+            self._write([header, *kept])
+
+    def _write(self, rows: list[list[str]], append: bool = False) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(rows)
+        text = (self._text if append else "") + buffer.getvalue()
+        write_text(self.path, text)
+        self._text = text
+
+    def append(self, episode: int, trial_ids: list[int], record: dict[str, torch.Tensor]) -> None:
+        columns = ["episode", "trial", *[key.replace("/", "_") for key in record]]
+        if self._text is None:
+            self._text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        rows = [] if self._text else [columns]
+        diverged = record.get("meta/diverged", torch.zeros(len(trial_ids))).tolist()
+        values = [v.tolist() for v in record.values()]
+        for index, trial in enumerate(trial_ids):
+            cells = [_cell(key, v[index], diverged[index]) for key, v in zip(record, values)]
+            rows.append([episode, trial, *cells])
+        self._write(rows, append=True)
+
+
+def _cell(key: str, value: float, diverged: float) -> str:
+    """``repr`` of the value; the flag as 0/1; ``nan`` for a diverged trial's results."""
+    if key == "meta/diverged":
+        return str(int(value))
+    if diverged and not is_meta_parameter(key):
+        return "nan"
+    return repr(float(value))
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto``: online with an API key and a reachable W&B host, else offline; never asks to log in."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return "offline" if os.environ["WANDB_MODE"] != "disabled" else "disabled"
+    host = "api.wandb.ai"
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc().authenticators(host) is not None
+        except (FileNotFoundError, netrc.NetrcParseError, OSError):
+            has_key = False
+    if not has_key:
+        return "offline"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return "offline"
+    return "online"
