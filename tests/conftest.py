@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from metaplast.config import register
+from metaplast.run.config import register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 #: A run small enough for a test: synthetic glyphs, a 3-way task, a 2-hidden-layer net, no W&B.

@@ -3,12 +3,15 @@
 import pytest
 import torch
 
+from core_helpers import adapted_weights, generators, learner_for
 from metaplast import reference
-from metaplast.episode import Rule, inner_loop, query_loss, regulariser
-from metaplast.feedback import backward_matrices, init_feedback, teaching_signals
-from metaplast.metrics import episode_metrics
-from metaplast.network import BETA, forward, init_weights
-from metaplast.rules import NAMED_RULES, TERM_IDS, plasticity_update, resolve_rule
+from metaplast.core.inner_loop import State
+from metaplast.core.meta import regulariser
+from metaplast.core.metrics import episode_metrics
+from metaplast.core.networks import BETA, forward, init_weights
+from metaplast.core.pathways import make_pathway
+from metaplast.core.rules import NAMED_RULES, Rule, resolve_rule
+from metaplast.core.terms import TERM_IDS, plasticity_update
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +23,8 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-def generators(n, seed=0):
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+def init_feedback(kind, sizes, gens):
+    return make_pathway(kind).init_feedback(sizes, gens)
 
 
 def random_layer(trials, n, m, seed):
@@ -68,8 +71,7 @@ def test_bp_with_f0_update_is_minus_theta0_times_autograd_gradient():
     x = torch.rand(2, 1, 12, generator=torch.Generator().manual_seed(5))
     label = torch.tensor([[3], [1]])
     theta = torch.tensor([[0.05], [0.2]])
-    rule = Rule.build("f0", depth=3)
-    adapted = inner_loop(theta, rule, weights, [], "bp", x, label)
+    adapted = adapted_weights(learner_for("bp", sizes), weights, [], theta, x, label)
     leaves = [w.clone().requires_grad_() for w in weights]
     _, zs = forward(leaves, x)
     loss = torch.nn.functional.cross_entropy(zs[-1].flatten(0, 1), label.flatten(), reduction="sum")
@@ -83,9 +85,10 @@ def test_synthetic_input_error_follows_eq_24():
     weights = init_weights(sizes, generators(1))
     feedback = init_feedback("fa", sizes, generators(1, seed=9))
     x = torch.rand(1, 1, 6)
-    ys, _ = forward(weights, x)
+    learner = learner_for("fa", sizes)
+    ys, zs = learner.network.forward(weights, x)
     e_out = ys[-1] - torch.nn.functional.one_hot(torch.tensor([[2]]), 4)
-    es = teaching_signals("fa", backward_matrices("fa", weights, feedback), ys, e_out)
+    es = learner.pathway.teaching_signals(learner.network, ys, zs, e_out, weights, feedback)
     expected = (feedback[0][0] @ es[1][0, 0]) * (1 - torch.exp(-BETA * x[0, 0]))
     torch.testing.assert_close(es[0][0, 0], expected)
 
@@ -100,7 +103,7 @@ def test_batched_inner_loop_equals_literal_reference_per_trial(kind):
     x = torch.rand(trials, 6, 10, generator=g)
     y = torch.randint(0, 5, (trials, 6), generator=g)
     theta = torch.randn(trials, 10, generator=g) * 0.05
-    adapted = inner_loop(theta, Rule.build("pool", 3), weights, feedback, kind, x, y)
+    adapted = adapted_weights(learner_for(kind, sizes, "pool"), weights, feedback, theta, x, y)
     for t in range(trials):
         ws = [w[t] for w in weights]
         fb = [b[t] for b in feedback]
@@ -118,22 +121,29 @@ def test_fa_and_dfa_feedback_stay_fixed_while_bp_follows_w():
     y = torch.randint(0, 4, (2, 5))
     theta = torch.full((2, 1), 0.5)
     for kind in ("fa", "dfa"):
+        learner = learner_for(kind, sizes)
         feedback = init_feedback(kind, sizes, generators(2, seed=7))
         before = [b.clone() for b in feedback]
-        adapted = inner_loop(theta, Rule.build("f0", 2), weights, feedback, kind, x, y)
-        assert not torch.allclose(adapted[0], weights[0])
-        for b0, b1, mat in zip(before, feedback, backward_matrices(kind, adapted, feedback)):
-            assert torch.equal(b0, b1) and torch.equal(mat, b0)
-    adapted = inner_loop(theta, Rule.build("f0", 2), weights, [], "bp", x, y)
-    for w, mat in zip(adapted, backward_matrices("bp", adapted, [])):
-        assert torch.equal(mat, w.transpose(-1, -2))
+        state = State(weights, feedback)
+        adapted = learner.step(state, {"theta": theta}, x[:, :1], y[:, :1])
+        assert not torch.allclose(adapted.weights[0], weights[0])
+        assert all(torch.equal(b0, b1) for b0, b1 in zip(before, adapted.feedback))
+    # BP sends e through the current W^T: e_{l-1} of the adapted weights uses those weights
+    learner = learner_for("bp", sizes)
+    adapted = adapted_weights(learner, weights, [], theta, x, y)
+    ys, zs = learner.network.forward(adapted, x[:, :1])
+    e_out = ys[-1] - torch.nn.functional.one_hot(y[:, :1], 4)
+    es = learner.pathway.teaching_signals(learner.network, ys, zs, e_out, adapted, [])
+    expected = (e_out @ adapted[1]) * (1 - torch.exp(-BETA * ys[1]))
+    torch.testing.assert_close(es[1], expected)
 
 
 def meta_objective(theta, rule, kind, reg, lam, data, feedback, weights, grad_through_b=True):
-    adapted = inner_loop(
-        theta, rule, weights, feedback, kind, data[0], data[1], grad_through_b=grad_through_b
-    )
-    return (query_loss(adapted, data[2], data[3]) + lam * regulariser(theta, reg)).sum()
+    sizes = [weights[0].shape[-1], *(w.shape[-2] for w in weights)]
+    learner = learner_for(kind, sizes, rule, exact=grad_through_b)
+    adapted = adapted_weights(learner, weights, feedback, theta, data[0], data[1])
+    loss = learner.query_loss(State(adapted), data[2], data[3])
+    return (loss + lam * regulariser(theta, reg)).sum()
 
 
 @pytest.mark.parametrize("rule_name", ["bio", "pool"])
@@ -221,7 +231,8 @@ def test_per_layer_rule_applies_ehebb_only_where_assigned():
     feedback = init_feedback("fa", sizes, generators(1, seed=3))
     x, y = torch.rand(1, 3, 8), torch.randint(0, 4, (1, 3))
     theta = torch.tensor([[0.1, 0.4]])
-    adapted = inner_loop(theta, Rule.build(None, 3, ["f0", "ehebb", "f0"]), weights, feedback, "fa", x, y)
+    learner = learner_for("fa", sizes, Rule.build(None, 3, ["f0", "ehebb", "f0"]))
+    adapted = adapted_weights(learner, weights, feedback, theta, x, y)
     ws = [w[0] for w in weights]
     layer_coeffs = [{0: theta[0, 0]}, {0: theta[0, 0], 2: theta[0, 1]}, {0: theta[0, 0]}]
     for step in range(3):
@@ -237,7 +248,7 @@ def test_metrics_against_direct_formulas():
     weights = init_weights(sizes, generators(2))
     feedback = init_feedback("fa", sizes, generators(2, seed=21))
     x, y = torch.rand(2, 6, 9), torch.randint(0, 4, (2, 6))
-    m = episode_metrics(weights, feedback, "fa", x, y)
+    m = episode_metrics(learner_for("fa", sizes), State(weights, feedback), x, y)
     for t in range(2):
         ws, fb = [w[t] for w in weights], [b[t] for b in feedback]
         hs, zs = [x[t]], []
@@ -261,5 +272,5 @@ def test_metrics_against_direct_formulas():
         ce = torch.nn.functional.cross_entropy(zs[-1], y[t])
         torch.testing.assert_close(m["loss"][t], ce)
         torch.testing.assert_close(m["acc"][t], (zs[-1].argmax(1) == y[t]).double().mean())
-    bp = episode_metrics(weights, [], "bp", x, y)
+    bp = episode_metrics(learner_for("bp", sizes), State(weights), x, y)
     torch.testing.assert_close(bp["angle"], torch.zeros(2, 3), atol=1e-5, rtol=0)

@@ -7,10 +7,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, run_cli
-from metaplast.config import ConfigError
 from metaplast.data import write_idx
-from metaplast.evaluate import run, theta_from_run
-from metaplast.train import run as train
+from metaplast.run.config import ConfigError
+from metaplast.run.evaluate import run, theta_from_run
+from metaplast.run.train import run as train
 
 #: 3 classes whose 8×8 images light one of three disjoint bands of pixels, plus noise.
 CLASSES, SIDE = 3, 8
@@ -77,7 +77,9 @@ def test_fa_alignment_angles_are_recorded_and_bp_angles_are_zero(stream_root, tm
 def test_theta_from_a_meta_training_run_checkpoint_and_csv(make_cfg, tmp_path):
     cfg = make_cfg("rule=bio")
     train(cfg, tmp_path)
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["theta"]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"][
+        "meta.theta"
+    ]
     rule, values = theta_from_run(tmp_path)
     assert rule.terms == (0, 2, 9)
     assert [values[r] for r in rule.terms] == pytest.approx(checkpoint.double().mean(0).tolist())

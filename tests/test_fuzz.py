@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from metaplast.config import ConfigError, validate
 from metaplast.data import DataError
+from metaplast.run.config import ConfigError, validate
+from metaplast.run.train import run
 from metaplast.safety import DivergenceError
-from metaplast.train import run
 
 EXAMPLES = int(os.environ.get("METAPLAST_FUZZ_EXAMPLES", "25"))
 CODE = "__import__('os').system('touch PWNED')"  # must stay a string, never run

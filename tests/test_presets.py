@@ -6,10 +6,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, TINY
-from metaplast.config import register
-from metaplast.evaluate import run as evaluate
-from metaplast.report import TABLE1_PAPER
-from metaplast.train import run as train
+from metaplast.analysis.report import TABLE1_PAPER
+from metaplast.run.config import register
+from metaplast.run.evaluate import run as evaluate
+from metaplast.run.train import run as train
 
 TRAIN_PRESETS = {  # preset: (rule terms or per_layer, feedback, regulariser)
     "fig3": ("f0", "fa", "none"),

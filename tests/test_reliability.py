@@ -19,9 +19,9 @@ from conftest import CONF, TINY, run_cli
 from metaplast import safety
 from metaplast.data import DataError, generate_glyphs, load_dataset, write_idx
 from metaplast.data.glyphs import glyphs_cache_path
+from metaplast.run.tracking import EpisodeCSV, flag_diverged, logged_scalars
+from metaplast.run.train import build_module, run
 from metaplast.safety import CheckpointError, DivergenceError, load_checkpoint
-from metaplast.tracking import EpisodeCSV, flag_diverged, logged_scalars
-from metaplast.train import build_module, run
 from wandb_file import offline_run_file, summary
 
 HUGE = 1e30  # θ of the e e^T term (ehebb): the weights overflow float32 within one episode
@@ -131,7 +131,7 @@ def test_a_diverged_trial_steps_back_towards_its_last_finite_theta(make_cfg, tmp
     anchor, diverged = blow_up.last[1], blow_up.current[1]  # Θ of episode 1 (finite) and 2 (not)
     assert diverged[module.rule.terms.index(2)] == HUGE
     torch.testing.assert_close(module.theta.detach()[1], anchor + 0.5 * (diverged - anchor))
-    torch.testing.assert_close(module.theta_anchor[1], anchor)
+    torch.testing.assert_close(module.anchor[0][1], anchor)
     adam = trainer.optimizers[0].state[module.theta]
     torch.testing.assert_close(adam["exp_avg"][1], 0.5 * blow_up.exp_avg[1])
     assert module.diverged_streak == [0, 1, 0]
@@ -199,7 +199,7 @@ def test_cli_divergence_exits_3_and_keeps_nan_and_the_api_key_out_of_every_file(
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert ckpt["state_dict"]["theta"].isfinite().all()
+    assert ckpt["state_dict"]["meta.theta"].isfinite().all()
     assert ckpt["metaplast_diverged_streak"] == [2, 2]
     keys = summary(offline_run_file(run_dir))
     assert float(keys["meta/diverged"]) == 1.0
@@ -300,8 +300,8 @@ sys.path.insert(0, {tests!r})
 from conftest import TINY
 from hydra import compose, initialize_config_dir
 from metaplast import safety
-from metaplast.config import register
-from metaplast.train import run
+from metaplast.run.config import register
+from metaplast.run.train import run
 from pathlib import Path
 
 original, calls = safety.save_torch, [0]
@@ -347,7 +347,8 @@ def test_a_checkpoint_write_killed_midway_leaves_a_resumable_run(make_cfg, tmp_p
     run(make_cfg(*overrides, f"ckpt_path={checkpoints / 'last.ckpt'}"), crashed)
     assert (crashed / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
     final = [
-        load_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"]["theta"] for d in (straight, crashed)
+        load_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"]["meta.theta"]
+        for d in (straight, crashed)
     ]
     assert torch.equal(*final)
 

@@ -10,8 +10,14 @@ import pytest
 import yaml
 from scipy import stats as scipy_stats
 
-from metaplast.report import TABLE1_PAPER, main, rule_equation
-from metaplast.stats import bootstrap_ci, mann_whitney, mann_whitney_per_episode, moving_average, summarise
+from metaplast.analysis.report import TABLE1_PAPER, main, rule_equation
+from metaplast.analysis.stats import (
+    bootstrap_ci,
+    mann_whitney,
+    mann_whitney_per_episode,
+    moving_average,
+    summarise,
+)
 
 SAMPLE = np.array([0.21, 0.25, 0.19, 0.30, 0.27, 0.22, 0.24, 0.26, 0.18, 0.29])
 

@@ -12,11 +12,13 @@ import math
 import pytest
 import torch
 
+from core_helpers import adapted_weights, learner_for
 from metaplast import bench, reference
-from metaplast.episode import Rule, inner_loop, query_loss
-from metaplast.feedback import init_feedback
-from metaplast.network import BETA, init_weights
-from metaplast.rules import TERM_IDS
+from metaplast.core.inner_loop import State
+from metaplast.core.networks import BETA, init_weights
+from metaplast.core.pathways import make_pathway
+from metaplast.core.rules import Rule
+from metaplast.core.terms import TERM_IDS
 
 SIZES = [7, 5, 4, 3]
 TRIALS, STEPS, QUERY = 2, 6, 4
@@ -25,7 +27,7 @@ TRIALS, STEPS, QUERY = 2, 6, 4
 def episode_inputs(kind, seed=0):
     generators = [torch.Generator().manual_seed(seed + t) for t in range(TRIALS)]
     weights = [w.double() for w in init_weights(SIZES, generators)]
-    feedback = [b.double() for b in init_feedback(kind, SIZES, generators)]
+    feedback = [b.double() for b in make_pathway(kind).init_feedback(SIZES, generators)]
     g = torch.Generator().manual_seed(seed + 100)
     data = (
         torch.rand(TRIALS, STEPS, SIZES[0], generator=g, dtype=torch.float64),
@@ -39,8 +41,9 @@ def episode_inputs(kind, seed=0):
 def optimised(theta, rule, weights, feedback, kind, data, grad_through_b, segment):
     theta = theta.clone().requires_grad_()
     leaves = [w.clone().requires_grad_() for w in weights]
-    adapted = inner_loop(theta, rule, leaves, feedback, kind, data[0], data[1], BETA, grad_through_b, segment)
-    grads = torch.autograd.grad(query_loss(adapted, data[2], data[3]).sum(), [theta, *leaves])
+    learner = learner_for(kind, SIZES, rule, exact=grad_through_b)
+    adapted = adapted_weights(learner, leaves, feedback, theta, data[0], data[1], "fused", segment)
+    grads = torch.autograd.grad(learner.query_loss(State(adapted), data[2], data[3]).sum(), [theta, *leaves])
     return adapted, grads[0], grads[1:]
 
 
@@ -99,8 +102,8 @@ def test_bp_constant_b_and_per_layer_rules_match_literal_formulation():
 def test_recomputation_keeps_only_segment_starts(segment):
     weights, feedback, data = episode_inputs("fa")
     theta = torch.full((TRIALS, 3), 0.01, dtype=torch.float64, requires_grad=True)
-    adapted = inner_loop(
-        theta, Rule.build("bio", 3), weights, feedback, "fa", data[0], data[1], BETA, True, segment
+    adapted = adapted_weights(
+        learner_for("fa", SIZES, "bio"), weights, feedback, theta, *data[:2], "fused", segment
     )
     assert sorted(adapted[0].grad_fn.kept) == list(range(0, STEPS, segment))
     assert len(adapted[0].grad_fn.kept) == math.ceil(STEPS / segment)
@@ -109,22 +112,23 @@ def test_recomputation_keeps_only_segment_starts(segment):
 def test_without_grad_the_loop_keeps_nothing_and_gives_the_same_weights():
     weights, feedback, data = episode_inputs("dfa")
     theta = torch.full((TRIALS, 10), 0.01, dtype=torch.float64)
-    rule = Rule.build("pool", 3)
-    plain = inner_loop(theta, rule, weights, feedback, "dfa", data[0], data[1])
+    learner = learner_for("dfa", SIZES, "pool")
+    plain = adapted_weights(learner, weights, feedback, theta, data[0], data[1], "fused")
     assert all(w.grad_fn is None for w in plain)
-    tracked = inner_loop(theta.requires_grad_(), rule, weights, feedback, "dfa", data[0], data[1])
+    tracked = adapted_weights(learner, weights, feedback, theta.requires_grad_(), data[0], data[1], "fused")
     for a, b in zip(plain, tracked):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
-def test_bad_recompute_segment_and_trainable_feedback_are_rejected():
+def test_bad_recompute_segment_and_an_uncovered_learner_are_rejected_by_the_fused_estimator():
     weights, feedback, data = episode_inputs("fa")
     theta = torch.zeros(TRIALS, 1, dtype=torch.float64)
+    learner = learner_for("fa", SIZES)
     with pytest.raises(ValueError, match=r"recompute_segment=-2 .*allowed: 0 \(keep every W\) or k >= 1"):
-        inner_loop(theta, Rule.build("f0", 3), weights, feedback, "fa", data[0], data[1], BETA, True, -2)
-    with pytest.raises(ValueError, match="feedback matrices must not require grad"):
-        trainable = [b.clone().requires_grad_() for b in feedback]
-        inner_loop(theta, Rule.build("f0", 3), weights, trainable, "fa", data[0], data[1])
+        adapted_weights(learner, weights, feedback, theta.requires_grad_(), *data[:2], "fused", -2)
+    trainable = [b.clone().requires_grad_() for b in feedback]
+    with pytest.raises(ValueError, match="'fused' does not apply here .*meta-learned"):
+        adapted_weights(learner, weights, trainable, theta, *data[:2], "fused")
 
 
 def test_benchmark_checks_equality_and_reports_ratios(tmp_path, capsys):

@@ -17,8 +17,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import TINY, run_cli
-from metaplast import sweep
-from metaplast.train import run
+from metaplast.analysis import results, sweep
+from metaplast.run.train import run
 from wandb_file import offline_run_file, records, summary
 
 
@@ -37,7 +37,7 @@ def result_of(job):
 
 
 def final_theta(job):
-    return torch.load(Path(job) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["theta"]
+    return torch.load(Path(job) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["meta.theta"]
 
 
 def test_joblib_2x2_makes_four_complete_jobs_and_a_rerun_skips_them(tmp_path):
@@ -174,8 +174,8 @@ def write_job(job: Path, cfg, overrides, theta, accuracy):
     OmegaConf.save(cfg, job / ".hydra/config.yaml")
     (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     terms = [0, 2, 9]
-    result = sweep.job_result(theta, terms, list(range(len(accuracy))), accuracy, 1e-3, None)
-    sweep.write_json(job / "result.json", result)
+    result = results.job_result(theta, terms, list(range(len(accuracy))), accuracy, 1e-3, None)
+    results.write_json(job / "result.json", result)
 
 
 def test_aggregation_of_known_jobs(make_cfg, tmp_path):
@@ -246,7 +246,7 @@ def test_aggregation_cli_names_a_directory_without_jobs(tmp_path):
 
 
 def test_report_command_adds_the_sweep_table_for_a_multirun_directory(make_cfg, tmp_path):
-    from metaplast import report
+    from metaplast.analysis import report
 
     sweep_dir = tmp_path / "multirun"
     sweep_dir.mkdir()
@@ -271,7 +271,7 @@ def test_report_command_adds_the_sweep_table_for_a_multirun_directory(make_cfg, 
 def test_a_diverged_trial_has_no_final_accuracy_and_is_left_out_of_the_mean(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("episode,trial,meta_acc\n0,0,0.5\n0,1,0.5\n1,0,0.25\n1,1,\n")
-    accuracy = sweep.final_accuracy(path, [0, 1])
+    accuracy = results.final_accuracy(path, [0, 1])
     assert accuracy[0] == 0.25 and np.isnan(accuracy[1])
-    result = sweep.job_result([[1e-2, 0.0], [2e-2, 0.0]], [0, 2], [0, 1], accuracy, 1e-3, None)
+    result = results.job_result([[1e-2, 0.0], [2e-2, 0.0]], [0, 2], [0, 1], accuracy, 1e-3, None)
     assert result["final_meta_acc"] == 0.25 and result["surviving_terms"] == [0]

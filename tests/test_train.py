@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli
-from metaplast.config import ConfigError, validate
-from metaplast.train import build_module, run
+from metaplast.run.config import ConfigError, validate
+from metaplast.run.train import build_module, run
 from wandb_file import offline_run_file, summary
 
 
@@ -20,7 +20,7 @@ def read_csv(path):
 
 def final_theta(run_dir):
     ckpt = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    return ckpt["state_dict"]["theta"]
+    return ckpt["state_dict"]["meta.theta"]
 
 
 def test_cli_run_writes_csv_checkpoint_and_offline_wandb_summary(tmp_path):
@@ -136,7 +136,10 @@ def test_validation_against_the_data(make_cfg, tmp_path, overrides, message):
     [
         ("meta.foo=1", "Could not override 'meta.foo'"),
         ("meta.M=five", "Value 'five' of type 'str' could not be converted to Integer"),
-        ("feedback.kind=xfa", "Invalid value 'xfa', expected one of \\[bp, fa, dfa\\]"),
+        (
+            "feedback.kind=xfa",
+            "Invalid value 'xfa', expected one of \\[bp, fa, dfa, sign, kolen_pollack, plastic\\]",
+        ),
         ("reg.kind=l3", "Invalid value 'l3', expected one of \\[none, l1, l2\\]"),
     ],
 )

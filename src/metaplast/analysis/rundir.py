@@ -86,6 +86,11 @@ class RunDir:
         return self._table
 
     @property
+    def trials(self) -> list[int]:
+        """The trial ids of the run's table."""
+        return sorted(int(t) for t in self.table["trial"].unique())
+
+    @property
     def result(self) -> dict | None:
         """``result.json`` of a finished meta-training run (None before it finished)."""
         path = self.path / RESULT

@@ -82,6 +82,9 @@ def theta_from_run(run_dir: str | Path, trial: int | None = None) -> tuple[Rule,
         rule = run.rule
         if run.kind != "meta" or rule is None:
             raise RunError(f"{str(run_dir)!r} is not a meta-training run with a rule")
+        if trial is not None and trial not in run.trials:
+            trials = run.trials
+            raise ConfigError(f"from_trial={trial} is not allowed; allowed: {trials[0]}..{trials[-1]}")
         return rule, run.final_theta(trial)
     except RunError as error:
         raise ConfigError(f"from_run={str(run_dir)!r}: {error}") from None
