@@ -6,7 +6,8 @@
 * the entry-point modules (the console scripts) never import one another;
 * the import graph inside ``metaplast`` has no cycle.
 
-Every import counts, also one deferred into a function body: it is still a dependency.
+Every import counts, also one deferred into a function body or under ``if TYPE_CHECKING:``: it is
+still a dependency (only the import-time cycle check leaves those out).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ CORE_FORBIDDEN = (
 class Import:
     target: str  # the module imported, as precisely as the source names it
     line: int
-    deferred: bool  # inside a function body, so run only when that function is called
+    deferred: bool  # inside a function body (or ``if TYPE_CHECKING:``): not run at import time
 
     def within(self, prefix: str) -> bool:
         return self.target == prefix or self.target.startswith(prefix + ".")
@@ -83,6 +84,21 @@ class _Collector(ast.NodeVisitor):
         self.depth -= 1
 
     visit_AsyncFunctionDef = visit_Lambda = visit_FunctionDef
+
+    def visit_If(self, node: ast.If) -> None:
+        """``if TYPE_CHECKING:`` imports are never run, so they count as deferred too."""
+        test = node.test
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
+            self.depth += 1
+            for child in node.body:
+                self.visit(child)
+            self.depth -= 1
+            for child in node.orelse:
+                self.visit(child)
+        else:
+            self.generic_visit(node)
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -198,6 +214,7 @@ def test_relative_imports_and_cycles_are_resolved():
     collector = _Collector("metaplast.core.rules", is_package=False)
     source = (
         "from . import terms\nfrom ..run import config\nfrom .. import nothing\ndef f():\n    import wandb\n"
+        "if TYPE_CHECKING:\n    import hydra\nelse:\n    import omegaconf\n"
     )
     collector.visit(ast.parse(source))
     assert collector.imports == [
@@ -205,6 +222,8 @@ def test_relative_imports_and_cycles_are_resolved():
         Import("metaplast.run.config", 2, False),
         Import("metaplast", 3, False),
         Import("wandb", 5, True),
+        Import("hydra", 7, True),
+        Import("omegaconf", 9, False),
     ]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
