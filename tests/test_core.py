@@ -5,7 +5,7 @@ import torch
 
 from core_helpers import adapted_weights, generators, learner_for
 from metaplast import reference
-from metaplast.core.inner_loop import State
+from metaplast.core.learner import State
 from metaplast.core.meta import regulariser
 from metaplast.core.metrics import episode_metrics
 from metaplast.core.networks import BETA, forward, init_weights

@@ -13,7 +13,7 @@ import torch
 
 from core_helpers import learner_for
 from metaplast import reference
-from metaplast.core.inner_loop import State
+from metaplast.core.learner import State
 from metaplast.core.meta import scales_from_ratios, term_ratios
 from metaplast.core.networks import BETA, init_weights
 from metaplast.core.rules import Rule

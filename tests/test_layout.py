@@ -270,11 +270,6 @@ def test_no_import_cycle_at_import_time():
     assert cycle is None, describe(cycle)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metaplast.core.inner_loop imports metaplast.core.fused inside a function (inner_loop.py), "
-    "and fused imports inner_loop (Learner, State) at module level",
-)
 def test_no_import_cycle():
     """Every import, deferred ones too: the package's modules form a directed acyclic graph."""
     cycle = find_cycle(graph(deferred=True))

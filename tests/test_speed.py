@@ -14,7 +14,7 @@ import torch
 
 from core_helpers import adapted_weights, learner_for
 from metaplast import bench, reference
-from metaplast.core.inner_loop import State
+from metaplast.core.learner import State
 from metaplast.core.networks import BETA, init_weights
 from metaplast.core.pathways import make_pathway
 from metaplast.core.rules import Rule

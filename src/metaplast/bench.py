@@ -26,7 +26,8 @@ from math import nan
 import torch
 
 from metaplast import reference
-from metaplast.core.inner_loop import Learner, State, inner_loop
+from metaplast.core.inner_loop import inner_loop
+from metaplast.core.learner import Learner, State
 from metaplast.core.networks import BETA, MLP
 from metaplast.core.pathways import make_pathway
 from metaplast.core.rules import Rule

@@ -1,7 +1,8 @@
 """The core: plain PyTorch (neither Lightning nor Hydra) — terms, rules, networks, pathways, the
 inner loop with its two meta-gradient estimators, meta-parameters and metrics."""
 
-from metaplast.core.inner_loop import ESTIMATORS, SHARING, Learner, State, adapt, inner_loop
+from metaplast.core.inner_loop import ESTIMATORS, adapt, inner_loop
+from metaplast.core.learner import SHARING, Learner, State
 from metaplast.core.meta import MetaParameters, regulariser
 from metaplast.core.metrics import episode_metrics
 from metaplast.core.networks import ACTIVATIONS, INITIALISERS, LOSSES, MLP

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from metaplast.core.inner_loop import Learner, State
+from metaplast.core.learner import Learner, State
 from metaplast.core.networks import Products
 from metaplast.core.pathways import Pathway
 from metaplast.core.terms import apply_update

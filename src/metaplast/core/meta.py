@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from metaplast.core.inner_loop import Learner, State
+from metaplast.core.learner import Learner, State
 from metaplast.core.networks import Products
 from metaplast.core.terms import TERM_IDS, term_norms
 

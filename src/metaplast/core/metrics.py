@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaplast.core.inner_loop import Learner, State
+from metaplast.core.learner import Learner, State
 from metaplast.core.pathways import Backprop
 
 

@@ -12,6 +12,8 @@ Kolen–Pollack) and may change the activations that the rule sees
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from metaplast.core.networks import INITIALISERS, MLP, Products
@@ -104,12 +106,17 @@ class Backprop(Pathway):
 
 
 class SignSymmetric(Pathway):
-    """``B = sign(W^T)`` of the current weights (Liao et al. 2016); no gradient through sign."""
+    """Sign-symmetric feedback (Liao et al. 2016): ``B = c sign(W^T)`` of the current weights, with
+    ``c = sqrt(6 / (fan_in + fan_out)) / 2``, the mean |W| of Xavier-uniform weights, so errors keep
+    W^T's size (unscaled ±1 entries multiply them by ~16 per layer at the paper's widths and the
+    inner loop diverges). sign has derivative 0 almost everywhere: the meta-gradient is exact."""
 
     has_matrices = False
 
     def send(self, index, e, weights, feedback, products, exact):
-        return products.send(index, e, weights[index].detach().sign().transpose(-1, -2))
+        weight = weights[index].detach()
+        scale = math.sqrt(6.0 / sum(weight.shape[-2:])) / 2
+        return products.send(index, e, (weight.sign() * scale).transpose(-1, -2))
 
 
 class KolenPollack(Pathway):

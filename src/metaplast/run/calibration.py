@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from metaplast.core.inner_loop import Learner
+from metaplast.core.learner import Learner
 from metaplast.core.meta import scales_from_ratios, term_ratios
 from metaplast.data import TaskSampler, stack_tasks, stream_seed, trial_generators
 

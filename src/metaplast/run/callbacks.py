@@ -27,6 +27,7 @@ class FinalResult(L.Callback):
             accuracy = [float(metrics.get(f"meta/acc/trial_{t}", float("nan"))) for t in trial_ids]
         theta = module.theta.detach().double().cpu().numpy()
         result = job_result(theta, module.rule.terms, trial_ids, accuracy, self.threshold, self.max_terms)
+        result["theta_share"] = module.learner.share  # "all": exact Θ; else its mean over layers
         if module.term_scale is not None:
             result["term_scale"] = dict(zip(map(str, module.rule.terms), module.term_scale.tolist()))
         write_json(self.run_dir / RESULT, result)

@@ -18,7 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from metaplast.core.inner_loop import ESTIMATORS, SHARING, Learner
+from metaplast.core.inner_loop import ESTIMATORS
+from metaplast.core.learner import SHARING, Learner
 from metaplast.core.meta import REGULARISERS, check_term_scale
 from metaplast.core.networks import ACTIVATIONS, INITIALISERS, LOSSES, MLP
 from metaplast.core.pathways import PATHWAYS, make_pathway

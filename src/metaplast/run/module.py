@@ -85,8 +85,12 @@ class MetaPlasticity(L.LightningModule):
 
     @property
     def theta(self) -> torch.Tensor:
-        """Θ of shape ``(trials, R)`` (shared), ``(trials, L, R)`` (per layer)."""
-        return self.meta.theta
+        """Θ per trial, ``(trials, R)``: exact when Θ is shared by all layers; with ``rule.share``
+        ``layer`` or ``synapse``, its mean over layers (and synapses) — the summary result.json holds."""
+        theta = self.meta.theta
+        if isinstance(theta, torch.nn.ParameterList):
+            return torch.stack([t.mean((1, 2)) for t in theta], 1).mean(1)
+        return theta if theta.dim() == 2 else theta.mean(1)
 
     def train_dataloader(self):
         # The tasks are drawn in training_step from the samplers the checkpoint restores;
