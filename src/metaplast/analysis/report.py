@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,10 +21,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
+from metaplast.analysis.rundir import (  # noqa: E402
+    SOURCES,
+    FinalTheta,
+    RunDir,
+    RunError,
+    expand,
+    theta_columns,
+    theta_layer_columns,
+)
 from metaplast.analysis.stats import bootstrap_ci, mann_whitney_per_episode, summarise  # noqa: E402
-from metaplast.core.rules import NAMED_RULES  # noqa: E402
 from metaplast.core.terms import TERM_FORMULAS  # noqa: E402
 from metaplast.safety import save_figure, write_text  # noqa: E402
 
@@ -46,109 +51,26 @@ class ReportError(ValueError):
     """A run directory or option the report cannot use; the message names it."""
 
 
-@dataclass
-class Run:
-    path: Path
-    label: str
-    kind: str  # "meta" (metrics.csv) or "online" (online.csv)
-    table: pd.DataFrame
-    config: dict
-    layer_terms: list[list[int]]
-
-
-def rule_name(terms) -> str:
-    """The name of a term set in ``NAMED_RULES``, else the ids."""
-    terms = tuple(sorted(terms))
-    for name, named in NAMED_RULES.items():
-        if named == terms:
-            return name
-    return "{" + ",".join(map(str, terms)) + "}"
-
-
-def _label(config: dict, layer_terms: list[list[int]]) -> str:
-    rule = config.get("rule", {})
-    if rule.get("per_layer"):
-        name = "[" + ",".join(rule_name(t) for t in layer_terms) + "]"
-    else:
-        name = rule_name(layer_terms[0]) if layer_terms else str(rule.get("terms"))
-    feedback = config.get("feedback", {})
-    parts = [name, str(feedback.get("kind", "?")).upper()]
-    if feedback.get("init") == "xavier_normal":
-        parts.append("B~N")
-    reg = config.get("reg", {})
-    if reg.get("kind") not in (None, "none"):
-        parts.append(f"{reg['kind'].upper()} λ={reg.get('lam')}")
-    return " ".join(parts)
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "metrics.csv").exists() or (path / "online.csv").exists()
-
-
-def expand_run_dirs(paths) -> list[Path]:
-    """Run directories as given; a directory holding run directories (a multirun) gives all of them."""
-    found = []
-    for path in map(Path, paths):
-        if is_run_dir(path):
-            found.append(path)
-            continue
-        children = sorted(
-            (p for p in path.iterdir() if p.is_dir() and is_run_dir(p)) if path.is_dir() else [],
-            key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
-        )
-        if not children:
-            raise ReportError(
-                f"{str(path)!r} is not a run directory: it has no metrics.csv or online.csv, "
-                f"nor any sub-directory that has one"
-            )
-        found.extend(children)
-    return found
-
-
-def load_run(path: Path) -> Run:
-    """Read one run directory."""
-    path = Path(path)
-    hydra_config = path / ".hydra" / "config.yaml"
-    config = OmegaConf.to_container(OmegaConf.load(hydra_config)) if hydra_config.exists() else {}
-    if (path / "metrics.csv").exists():
-        table = pd.read_csv(path / "metrics.csv")
-        depth = sum(1 for c in table.columns if c.startswith("orth_"))
-        terms = sorted(int(c.split("_")[1]) for c in table.columns if c.startswith("theta_"))
-        layer_terms = _layer_terms_from_config(config, depth) or [terms] * depth
-        kind = "meta"
-    else:
-        table = pd.read_csv(path / "online.csv")
-        theta = json.loads((path / "theta.json").read_text()) if (path / "theta.json").exists() else {}
-        layer_terms = theta.get("layer_terms", [])
-        config.setdefault("theta", dict(zip(theta.get("terms", []), theta.get("theta", []))))
-        config.setdefault("feedback", {"kind": theta.get("feedback", "?")})
-        kind = "online"
-    if table.empty:
-        raise ReportError(f"{str(path)!r}: its {kind} table has no rows yet")
-    return Run(path, _label(config, layer_terms), kind, table, config, layer_terms)
-
-
-def _layer_terms_from_config(config: dict, depth: int) -> list[list[int]] | None:
-    rule = config.get("rule", {})
+def load_runs(paths) -> list[RunDir]:
+    """The run directories of ``paths`` (:func:`metaplast.analysis.rundir.expand`), each with rows."""
     try:
-        if rule.get("per_layer"):
-            return [sorted(NAMED_RULES[s]) if isinstance(s, str) else sorted(s) for s in rule["per_layer"]]
-        if rule.get("terms") is not None:
-            terms = rule["terms"]
-            return [sorted(NAMED_RULES[terms]) if isinstance(terms, str) else sorted(terms)] * depth
-    except (KeyError, TypeError):
-        return None
-    return None
+        runs = expand(paths)
+    except RunError as error:
+        raise ReportError(str(error)) from None
+    for run in runs:
+        if run.table.empty:
+            raise ReportError(f"{str(run.path)!r}: its {run.kind} table has no rows yet")
+    return runs
 
 
-def _unique_labels(runs: list[Run]) -> None:
+def _unique_labels(runs: list[RunDir]) -> None:
     counts = pd.Series([r.label for r in runs]).value_counts()
     for run in runs:
         if counts[run.label] > 1:
             run.label = f"{run.label} ({run.path.name})"
 
 
-def _dataset_note(runs: list[Run]) -> str:
+def _dataset_note(runs: list[RunDir]) -> str:
     """The datasets of the runs for titles; glyphs are marked SYNTHETIC, IDX sets by their directory."""
     names = set()
     for run in runs:
@@ -183,10 +105,26 @@ def rule_equation(theta: dict[int, float], keep: float = 0.1) -> str:
     return text
 
 
-def final_theta(run: Run) -> dict[int, float]:
-    """Mean over trials of Θ at the last episode of a meta-training run."""
-    last = run.table[run.table["episode"] == run.table["episode"].max()]
-    return {int(c.split("_")[1]): float(last[c].mean()) for c in last.columns if c.startswith("theta_")}
+def final_theta(run: RunDir) -> FinalTheta:
+    """Θ of every trial after the last Adam step: ``result.json``'s once the run finished, else the
+    last checkpoint's, else the last episode's rows of ``metrics.csv`` (:data:`SOURCES`)."""
+    try:
+        return run.final(SOURCES)
+    except RunError as error:
+        raise ReportError(str(error)) from None
+
+
+def final_rules(run: RunDir, keep: float) -> list[str]:
+    """The discovered rule as equations (:func:`rule_equation`) of the final Θ's trial mean; one per
+    layer (``W<ℓ>: ...``) when Θ is per layer (``mean over layers: ...`` where only that is known)."""
+    final = final_theta(run)
+    mean = final.mean()
+    if not final.per_layer:
+        prefix = "" if final.share == "all" else "mean over layers: "
+        return [prefix + rule_equation(dict(zip(final.terms, mean.tolist())), keep)]
+    return [
+        f"W{l}: {rule_equation(dict(zip(final.terms, row.tolist())), keep)}" for l, row in enumerate(mean)
+    ]
 
 
 # ---------------------------------------------------------------- figures
@@ -214,16 +152,22 @@ def curves_figure(runs, column, ylabel, out, name, by="episode", window=1, title
     return _save(fig, out, name)
 
 
+def _indexed_columns(table: pd.DataFrame, prefix: str) -> list[tuple[str, str]]:
+    """``(index, column)`` of the columns ``prefix<i>`` of a table, by i; for ``theta_`` the Θ
+    columns: ``theta_<r>`` (index ``r``), or per layer ``theta_layer<ℓ>_<r>`` (index ``r,W<ℓ>``)."""
+    if prefix == "theta_":
+        shared = [(str(r), c) for r, c in theta_columns(table).items()]
+        return shared or [(f"{r},W{l}", c) for (l, r), c in theta_layer_columns(table).items()]
+    found = [(m.group(1), c) for c in table.columns if (m := re.match(rf"^{prefix}(\d+)$", c))]
+    return sorted(found, key=lambda item: int(item[0]))
+
+
 def per_column_figure(run, prefix, ylabel, out, name, by="episode", window=1, symbol="") -> str:
     """One curve per column ``prefix<i>`` of one run (θ_r, α_ℓ or E_W,ℓ), mean and CI over trials."""
-    columns = sorted(
-        (c for c in run.table.columns if c.startswith(prefix)), key=lambda c: int(c.split("_")[1])
-    )
+    columns = _indexed_columns(run.table, prefix)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for column, color in zip(
-        columns, sns.color_palette("tab10" if prefix == "theta_" else "viridis", len(columns))
-    ):
-        index = column.split("_")[1]
+    palette = sns.color_palette("tab10" if prefix == "theta_" else "viridis", len(columns))
+    for (index, column), color in zip(columns, palette):
         _band(ax, summarise(run.table, column, by=by, window=window), by, f"{symbol}{index}", color)
     ax.set(xlabel=by if by == "episode" else "training samples", ylabel=ylabel, title=run.label)
     if prefix == "orth_":
@@ -251,7 +195,7 @@ def mann_whitney_figure(runs, out, name, column="meta_acc") -> tuple[str, pd.Dat
 # ---------------------------------------------------------------- tables
 
 
-def summary_table(runs: list[Run], last: int) -> pd.DataFrame:
+def summary_table(runs: list[RunDir], last: int) -> pd.DataFrame:
     """Per meta run: meta-accuracy and loss over the last ``last`` episodes per trial; CI over trials."""
     rows = []
     for run in runs:
@@ -265,29 +209,39 @@ def summary_table(runs: list[Run], last: int) -> pd.DataFrame:
         for column in ("meta_acc", "meta_loss"):
             low, high = bootstrap_ci(per_trial[column].to_numpy())
             row.update({column: per_trial[column].mean(), f"{column}_low": low, f"{column}_high": high})
-        angles = sorted(
-            (c for c in table.columns if c.startswith("angle_")), key=lambda c: int(c.split("_")[1])
-        )
-        row.update({f"α_{c.split('_')[1]}": tail[c].mean() for c in angles})
+        row.update({f"α_{l}": tail[c].mean() for l, c in _indexed_columns(table, "angle_")})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def theta_table(runs: list[Run]) -> pd.DataFrame:
-    """Table S1 style: final θ_r per run, mean over trials and 98 % bootstrap CI."""
+def _source(final: FinalTheta) -> str:
+    """Where a final Θ was read, for tables: ``result.json``, ``last.ckpt`` or ``metrics.csv``."""
+    name = {"result": "result.json", "checkpoint": "last.ckpt", "csv": "metrics.csv"}[final.source]
+    return name if final.per_layer or final.share == "all" else f"{name} (mean over layers)"
+
+
+def theta_table(runs: list[RunDir]) -> pd.DataFrame:
+    """Table S1 style: final θ_r per run (after the last Adam step, :func:`final_theta`; ``source``
+    says where it was read), mean over trials and 98 % bootstrap CI; per-layer Θ: one row per layer."""
     rows = []
     for run in runs:
-        last = run.table[run.table["episode"] == run.table["episode"].max()]
-        for column in sorted((c for c in last.columns if c.startswith("theta_")), key=lambda c: int(c[6:])):
-            values = last[column].to_numpy(dtype=float)
-            low, high = bootstrap_ci(values)
-            rows.append(
-                {"run": run.label, "term": int(column[6:]), "mean": values.mean(), "low": low, "high": high}
-            )
-    return pd.DataFrame(rows, columns=["run", "term", "mean", "low", "high"])
+        final = final_theta(run)
+        values = final.values if final.per_layer else final.values[:, None, :]
+        means = final.mean().reshape(values.shape[1:])  # as result.json's theta_mean, bit for bit
+        for layer in range(values.shape[1]):
+            for index, term in enumerate(final.terms):
+                low, high = bootstrap_ci(values[:, layer, index])
+                row = {"run": run.label, "term": term, "mean": means[layer, index], "low": low, "high": high}
+                if final.per_layer:
+                    row["layer"] = layer
+                rows.append({**row, "source": _source(final)})
+    columns = ["run", "term", "mean", "low", "high", "source"]
+    if any("layer" in row for row in rows):
+        columns.insert(1, "layer")
+    return pd.DataFrame(rows, columns=columns)
 
 
-def online_table(runs: list[Run]) -> pd.DataFrame:
+def online_table(runs: list[RunDir]) -> pd.DataFrame:
     """Per online run: test accuracy (mean [98 % CI] over trials) at fixed stream points and the end."""
     ends = {int(run.table["sample"].max()) for run in runs}
     marks = sorted({0, 500, 1000, 2000, 5000, *ends} & {int(s) for r in runs for s in r.table["sample"]})
@@ -305,11 +259,11 @@ def online_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def table1(runs: list[Run], burn_in: int) -> pd.DataFrame:
+def table1(runs: list[RunDir], burn_in: int) -> pd.DataFrame:
     """Table 1: α_0, α_1, α_2 after ``burn_in`` episodes, mean over episodes and trials, with the paper's."""
     rows = []
     for run in runs:
-        uses = tuple(2 in terms for terms in run.layer_terms)
+        uses = tuple(2 in terms for terms in run.rule.layer_terms)
         later = run.table[run.table["episode"] >= burn_in]
         if later.empty:
             raise ReportError(
@@ -329,16 +283,17 @@ def table1(runs: list[Run], burn_in: int) -> pd.DataFrame:
         rows.append(row)
     order = list(TABLE1_PAPER)
     return pd.DataFrame(rows).iloc[
-        np.argsort([order.index(tuple(2 in t for t in r.layer_terms)) for r in runs], kind="stable")
+        np.argsort([order.index(tuple(2 in t for t in r.rule.layer_terms)) for r in runs], kind="stable")
     ]
 
 
-def _is_table1(run: Run) -> bool:
+def _is_table1(run: RunDir) -> bool:
     return (
         run.kind == "meta"
-        and len(run.layer_terms) == 3
-        and all(tuple(t) in ((0,), (0, 2)) for t in run.layer_terms)
-        and bool(run.config.get("rule", {}).get("per_layer"))
+        and run.rule is not None
+        and len(run.rule.layer_terms) == 3
+        and all(tuple(t) in ((0,), (0, 2)) for t in run.rule.layer_terms)
+        and bool((run.config.get("rule") or {}).get("per_layer"))
     )
 
 
@@ -355,7 +310,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
-def write_report(runs: list[Run], out: Path, window: int = 5, burn_in: int = 100, last: int = 10, keep=0.1):
+def write_report(
+    runs: list[RunDir], out: Path, window: int = 5, burn_in: int = 100, last: int = 10, keep: float = 0.1
+):
     """Every figure and table for ``runs`` under ``out``, and ``index.html``; returns the written names."""
     out.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="paper")
@@ -408,14 +365,14 @@ def write_report(runs: list[Run], out: Path, window: int = 5, burn_in: int = 100
                     ),
                 ),
             ]
-            equation = rule_equation(final_theta(run), keep)
-            rules.append(f"{run.label}: {equation}")
-            run_items.append(
-                (
-                    "text",
-                    f"Discovered rule (final Θ, trial mean; |θ_r| ≥ {keep} max|θ|): {equation}",
+            for equation in final_rules(run, keep):
+                rules.append(f"{run.label}: {equation}")
+                run_items.append(
+                    (
+                        "text",
+                        f"Discovered rule (final Θ, trial mean; |θ_r| ≥ {keep} max|θ|): {equation}",
+                    )
                 )
-            )
             sections.append((run.label, run_items))
         write_text(out / "rules.txt", "\n".join(rules) + "\n")
         csv_name, md_name = _write_table(theta_table(meta), out, "theta_final")
@@ -516,7 +473,7 @@ def main(argv=None) -> None:
         for name in ("window", "last"):
             if getattr(args, name) < 1:
                 raise ReportError(f"--{name}={getattr(args, name)} is not allowed; allowed: an integer >= 1")
-        runs = [load_run(path) for path in expand_run_dirs(args.runs)]
+        runs = load_runs(args.runs)
         written = write_report(runs, Path(args.out), args.window, args.burn_in, args.last, args.keep)
     except ReportError as error:
         raise SystemExit(f"metaplast: error: {error}") from None

@@ -50,10 +50,12 @@ def job_result(theta, terms, trial_ids, accuracy, threshold: float, max_terms: i
 
 
 def rescore(result: dict, threshold: float, max_terms: int | None) -> dict:
-    """``result`` with surviving terms and objective recomputed for another threshold or ``max_terms``."""
-    return job_result(
+    """``result`` with surviving terms and objective recomputed for another threshold or ``max_terms``;
+    what else it holds (``theta_share``, ``term_scale``) is kept."""
+    scored = job_result(
         result["theta"], result["terms"], result["trials"], result["meta_acc"], threshold, max_terms
     )
+    return {**result, **scored}
 
 
 def final_accuracy(csv_path: Path, trial_ids) -> list[float] | None:

@@ -1,17 +1,21 @@
 """The one reader of run directories: every consumer (report, sweep, online evaluation's
-``from_run``) reads a run's config, tables, rule and final Θ here.
+``from_run``) reads a run's config, overrides, tables, rule, label and final Θ here.
 
-A meta-training run holds ``.hydra/config.yaml``, ``metrics.csv`` (one row per episode and
-trial), ``checkpoints/last.ckpt`` and, once finished, ``result.json``; an online evaluation
-holds ``online.csv`` and ``theta.json``.
+A meta-training run holds ``.hydra/config.yaml`` (and ``overrides.yaml``), ``metrics.csv`` (one
+row per episode and trial), ``checkpoints/last.ckpt`` and, once finished, ``result.json``; an
+online evaluation holds ``online.csv`` and ``theta.json``. A directory holding run directories
+(a Hydra multirun) stands for all of them (:func:`expand`, :func:`hydra_jobs`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -19,8 +23,15 @@ from metaplast.analysis.results import RESULT
 from metaplast.core.rules import Rule
 from metaplast.safety import load_checkpoint
 
-#: ``theta_<r>``: a column of Θ shared by all layers (per-layer Θ has ``theta_layer<ℓ>_<r>``).
+#: ``theta_<r>``: a column of Θ shared by all layers.
 THETA_COLUMN = re.compile(r"^theta_(\d+)$")
+#: ``theta_layer<ℓ>_<r>``: a column of per-layer Θ (per synapse: the mean over the layer's synapses).
+THETA_LAYER_COLUMN = re.compile(r"^theta_layer(\d+)_(\d+)$")
+
+#: Where the final Θ (after the last Adam step) is read, in order: ``result.json`` of a finished
+#: run, ``checkpoints/last.ckpt``, and last the last episode's rows of ``metrics.csv`` (the Θ that
+#: episode ran with, one Adam step before).
+SOURCES = ("result", "checkpoint", "csv")
 
 
 class RunError(ValueError):
@@ -31,6 +42,23 @@ def theta_columns(frame: pd.DataFrame) -> dict[int, str]:
     """``{term id: column}`` of the shared-Θ columns of a metrics table, by term id."""
     found = {int(m.group(1)): c for c in frame.columns if (m := THETA_COLUMN.match(c))}
     return dict(sorted(found.items()))
+
+
+def theta_layer_columns(frame: pd.DataFrame) -> dict[tuple[int, int], str]:
+    """``{(layer, term id): column}`` of the per-layer Θ columns of a metrics table, sorted."""
+    found = {
+        (int(m.group(1)), int(m.group(2))): c for c in frame.columns if (m := THETA_LAYER_COLUMN.match(c))
+    }
+    return dict(sorted(found.items()))
+
+
+def theta_term(column: str) -> int | None:
+    """The term id of a Θ column (``theta_<r>`` or ``theta_layer<ℓ>_<r>``), None for other columns."""
+    if m := THETA_COLUMN.match(column):
+        return int(m.group(1))
+    if m := THETA_LAYER_COLUMN.match(column):
+        return int(m.group(2))
+    return None
 
 
 def depth_of(config: dict) -> int | None:
@@ -60,34 +88,121 @@ def rule_of(config: dict, depth: int | None = None) -> Rule | None:
     return None
 
 
+def _run_order(path: Path):
+    """Hydra's job directories ``0, 1, ..., 10`` in number order, then the others by name."""
+    return (not path.name.isdigit(), int(path.name) if path.name.isdigit() else 0, path.name)
+
+
+def expand(paths) -> list[RunDir]:
+    """Run directories as given; a directory holding run directories (a multirun) gives all of them."""
+    found = []
+    for path in map(Path, paths):
+        if RunDir.is_run(path):
+            found.append(RunDir(path))
+            continue
+        children = sorted(
+            (p for p in path.iterdir() if p.is_dir() and RunDir.is_run(p)) if path.is_dir() else [],
+            key=_run_order,
+        )
+        if not children:
+            raise RunError(
+                f"{str(path)!r} is not a run directory: it has no metrics.csv or online.csv, "
+                f"nor any sub-directory that has one"
+            )
+        found.extend(RunDir(child) for child in children)
+    return found
+
+
+def hydra_jobs(directory) -> list[RunDir]:
+    """Every Hydra job directory (with ``.hydra/overrides.yaml``) under ``directory``, finished or not."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RunError(f"{directory} is not a directory")
+    found = sorted(p.parent.parent for p in directory.rglob(".hydra/overrides.yaml"))
+    if not found:
+        raise RunError(f"no Hydra job directory (with .hydra/) under {directory}")
+    return [RunDir(job) for job in found]
+
+
+@dataclass(frozen=True)
+class FinalTheta:
+    """Θ of every trial after the last Adam step: ``values`` is ``(trials, R)`` or ``(trials, L, R)``
+    (per layer), one column per term of ``terms``; ``source`` says where it was read (one of
+    :data:`SOURCES`). ``share`` is the run's ``rule.share``: with ``layer`` or ``synapse``,
+    ``(trials, R)`` values are ``result.json``'s summary, Θ's mean over layers (and synapses)."""
+
+    terms: tuple[int, ...]
+    trials: tuple[int, ...]
+    values: np.ndarray
+    source: str
+    share: str = "all"
+
+    @property
+    def per_layer(self) -> bool:
+        return self.values.ndim == 3
+
+    def mean(self) -> np.ndarray:
+        """The mean over trials, ``(R,)`` or ``(L, R)`` (as ``result.json``'s ``theta_mean``)."""
+        return self.values.mean(axis=0)
+
+    def row(self, trial: int) -> np.ndarray:
+        """Θ of one trial (by trial id)."""
+        if trial not in self.trials:
+            allowed = f"{self.trials[0]}..{self.trials[-1]}" if self.trials else "none"
+            raise RunError(f"trial {trial} is not a trial of this run; allowed: {allowed}")
+        return self.values[self.trials.index(trial)]
+
+    def columns(self, values: np.ndarray) -> dict[str, float]:
+        """Values ``(R,)`` or ``(L, R)`` by metrics-table column: ``theta_<r>`` or ``theta_layer<ℓ>_<r>``."""
+        if values.ndim == 1:
+            return {f"theta_{r}": float(v) for r, v in zip(self.terms, values)}
+        return {
+            f"theta_layer{layer}_{r}": float(v)
+            for layer, row in enumerate(values)
+            for r, v in zip(self.terms, row)
+        }
+
+
 class RunDir:
-    """One run directory (``kind`` is ``meta`` for meta-training, ``online`` for online evaluation)."""
+    """One run directory (``kind`` is ``meta`` for meta-training, ``online`` for online evaluation).
+
+    Any directory with a table (``metrics.csv``, ``online.csv``), a ``result.json`` or a ``.hydra/``
+    can be opened; what it lacks raises :class:`RunError` when asked for.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         hydra_config = self.path / ".hydra" / "config.yaml"
         self.config = OmegaConf.to_container(OmegaConf.load(hydra_config)) if hydra_config.exists() else {}
-        if (self.path / "metrics.csv").exists():
-            self.kind, self.table_path = "meta", self.path / "metrics.csv"
-        elif (self.path / "online.csv").exists():
+        if (self.path / "online.csv").exists() and not (self.path / "metrics.csv").exists():
             self.kind, self.table_path = "online", self.path / "online.csv"
+        elif self.is_run(self.path) or (self.path / RESULT).exists() or (self.path / ".hydra").is_dir():
+            self.kind, self.table_path = "meta", self.path / "metrics.csv"
         else:
             raise RunError(f"{str(self.path)!r} is not a run directory: it has no metrics.csv or online.csv")
         self._table = None
 
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
     @staticmethod
     def is_run(path: Path) -> bool:
+        """Whether ``path`` holds a run's table (``metrics.csv`` or ``online.csv``)."""
         return (Path(path) / "metrics.csv").exists() or (Path(path) / "online.csv").exists()
 
     @property
     def table(self) -> pd.DataFrame:
         if self._table is None:
+            if not self.table_path.exists():
+                raise RunError(f"{str(self.path)!r} has no {self.table_path.name} (yet)")
             self._table = pd.read_csv(self.table_path)
         return self._table
 
     @property
     def trials(self) -> list[int]:
-        """The trial ids of the run's table."""
+        """The trial ids of the run's table (without one: of its ``result.json``)."""
+        if not self.table_path.exists() and self.result is not None:
+            return [int(t) for t in self.result["trials"]]
         return sorted(int(t) for t in self.table["trial"].unique())
 
     @property
@@ -97,11 +212,25 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else None
 
     @property
+    def overrides(self) -> dict[str, str]:
+        """The job's command-line overrides (``.hydra/overrides.yaml``) by key, ``+``/``~`` dropped."""
+        path = self.path / ".hydra" / "overrides.yaml"
+        if not path.exists():
+            return {}
+        lines = OmegaConf.to_container(OmegaConf.load(path)) or []
+        return {key.lstrip("+~"): value for key, _, value in (str(line).partition("=") for line in lines)}
+
+    @property
+    def share(self) -> str:
+        """How Θ is shared (``rule.share``): by ``all`` layers (the default), per ``layer`` or ``synapse``."""
+        return str((self.config.get("rule") or {}).get("share") or "all")
+
+    @property
     def theta_json(self) -> dict:
         path = self.path / "theta.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    @property
+    @cached_property
     def rule(self) -> Rule | None:
         """The run's rule: from its config, else (online) its ``theta.json``, else its Θ columns."""
         if self.kind == "online":
@@ -109,39 +238,109 @@ class RunDir:
             if layer_terms:
                 layer_terms = tuple(tuple(t) for t in layer_terms)
                 return Rule(tuple(sorted(set().union(*layer_terms))), layer_terms)
-        depth = sum(1 for c in self.table.columns if c.startswith("orth_")) or None
-        rule = rule_of(self.config, depth)
-        if rule is None and self.kind == "meta":
-            terms = tuple(theta_columns(self.table))
+        has_table = self.table_path.exists()
+        depth = sum(1 for c in self.table.columns if c.startswith("orth_")) if has_table else 0
+        rule = rule_of(self.config, depth or None)
+        if rule is None and self.kind == "meta" and has_table:
+            terms = tuple(theta_columns(self.table)) or tuple(
+                sorted({r for _, r in theta_layer_columns(self.table)})
+            )
             if terms and depth:
                 rule = Rule(terms, (terms,) * depth)
         return rule
 
-    def final_theta(self, trial: int | None = None) -> dict[int, float]:
-        """Θ after the last Adam step (``checkpoints/last.ckpt``; else the last episode's row of
-        ``metrics.csv``, the Θ that episode ran with): the mean over trials, or one ``trial``."""
+    @property
+    def rule_label(self) -> str:
+        """The rule's name (:attr:`metaplast.core.rules.Rule.label`), ``?`` when unknown."""
+        return self.rule.label if self.rule is not None else "?"
+
+    @cached_property
+    def label(self) -> str:
+        """The run for legends: rule, feedback (``B~N``: Gaussian initial B) and regulariser,
+        e.g. ``ehebb FA L1 λ=0.001``; a consumer may set another (e.g. to tell runs apart)."""
+        feedback = self.config.get("feedback") or {"kind": self.theta_json.get("feedback", "?")}
+        parts = [self.rule_label, str(feedback.get("kind", "?")).upper()]
+        if feedback.get("init") == "xavier_normal":
+            parts.append("B~N")
+        reg = self.config.get("reg") or {}
+        if reg.get("kind") not in (None, "none"):
+            parts.append(f"{str(reg['kind']).upper()} λ={reg.get('lam')}")
+        return " ".join(parts)
+
+    # ------------------------------------------------------------ the final Θ
+
+    def final(self, sources=SOURCES) -> FinalTheta:
+        """Θ of every trial after the last Adam step, from the first of ``sources`` the run has."""
+        for source in sources:
+            found = getattr(self, f"_final_from_{source}")()
+            if found is not None:
+                return found
+        raise RunError(f"{str(self.path)!r} has no final Θ (looked in: {', '.join(sources)})")
+
+    def final_theta(self, trial: int | None = None, sources=("checkpoint", "csv")) -> dict[int, float]:
+        """Θ shared by all layers after the last Adam step (:meth:`final`), ``{term id: θ_r}``: the
+        mean over trials, or one ``trial``'s. By default from ``checkpoints/last.ckpt``, else the
+        CSV; a finished run's checkpoint holds its ``result.json`` Θ (the report reads
+        :data:`SOURCES`, ``result.json`` first)."""
+        final = self.final(sources)
+        if final.per_layer or final.share != "all":
+            raise RunError(
+                f"{str(self.path)!r}: Θ is not shared by all layers (rule.share={final.share}, "
+                f"shape {tuple(final.values.shape)})"
+            )
+        if trial is not None and trial not in final.trials:
+            allowed = f"{final.trials[0]}..{final.trials[-1]}" if final.trials else "none"
+            raise RunError(f"trial {trial} is not a trial of {self.path}; allowed: {allowed}")
+        values = final.mean() if trial is None else final.row(trial)
+        return dict(zip(final.terms, values.tolist()))
+
+    def _final_from_result(self) -> FinalTheta | None:
+        result = self.result
+        if result is None:
+            return None
+        values = np.asarray(result["theta"], dtype=float)
+        terms, trials = tuple(map(int, result["terms"])), tuple(map(int, result["trials"]))
+        return FinalTheta(terms, trials, values, "result", str(result.get("theta_share", self.share)))
+
+    def _final_from_checkpoint(self) -> FinalTheta | None:
         checkpoint = self.path / "checkpoints" / "last.ckpt"
-        terms = self.rule.terms if self.rule is not None else tuple(theta_columns(self.table))
-        if checkpoint.exists():
-            state = load_checkpoint(checkpoint)
-            theta = state["state_dict"]["meta.theta"].double()
-            if theta.dim() != 2:
-                raise RunError(
-                    f"{str(self.path)!r}: Θ is not shared by all layers (shape {tuple(theta.shape)})"
-                )
-            first = int((state.get("hyper_parameters") or {}).get("meta", {}).get("first_trial", 0))
-            if trial is None:
-                values = theta.mean(0)
-            elif first <= trial < first + theta.shape[0]:
-                values = theta[trial - first]
-            else:
-                last = first + theta.shape[0] - 1
-                raise RunError(f"trial {trial} is not a trial of {self.path}; allowed: {first}..{last}")
-            return dict(zip(terms, values.tolist()))
+        if not checkpoint.exists():
+            return None
+        state = load_checkpoint(checkpoint)
+        theta = state["state_dict"].get("meta.theta")
+        if theta is None:  # Θ per synapse: a list of tensors (the CSV has its means per layer)
+            return None
+        first = int((state.get("hyper_parameters") or {}).get("meta", {}).get("first_trial", 0))
+        trials = tuple(range(first, first + theta.shape[0]))
+        if self.rule is not None:
+            terms = self.rule.terms
+        elif self.result is not None:
+            terms = tuple(map(int, self.result["terms"]))
+        else:
+            terms = tuple(theta_columns(self.table))
+        if len(terms) != theta.shape[-1]:
+            raise RunError(
+                f"{checkpoint}: Θ has {theta.shape[-1]} columns but the run's rule has terms {list(terms)}"
+            )
+        return FinalTheta(tuple(terms), trials, theta.double().numpy(), "checkpoint", self.share)
+
+    def _final_from_csv(self) -> FinalTheta | None:
+        if not self.table_path.exists() or self.kind != "meta":
+            return None
         table = self.table
-        last = table[table["episode"] == table["episode"].max()]
-        if trial is not None:
-            last = last[last["trial"] == trial]
-            if last.empty:
-                raise RunError(f"trial {trial} is not a trial of {self.path}")
-        return {r: float(last[column].mean()) for r, column in theta_columns(table).items()}
+        if table.empty:
+            return None
+        last = table[table["episode"] == table["episode"].max()].sort_values("trial")
+        trials = tuple(int(t) for t in last["trial"])
+        shared, layered = theta_columns(table), theta_layer_columns(table)
+        if shared:
+            values = last[list(shared.values())].to_numpy(float)
+            return FinalTheta(tuple(shared), trials, values, "csv", self.share)
+        if not layered:
+            return None
+        layers = sorted({layer for layer, _ in layered})
+        terms = tuple(sorted({r for _, r in layered}))
+        values = np.full((len(trials), len(layers), len(terms)), np.nan)
+        for (layer, r), column in layered.items():
+            values[:, layers.index(layer), terms.index(r)] = last[column].to_numpy(float)
+        return FinalTheta(terms, trials, values, "csv", self.share)

@@ -10,14 +10,14 @@ number of surviving terms, one line per rule.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 from metaplast.analysis.results import RESULT, surviving_terms
+from metaplast.analysis.rundir import RunDir, RunError, hydra_jobs, theta_term
 from metaplast.analysis.stats import bootstrap_ci
 from metaplast.safety import save_figure, write_text
 
@@ -28,58 +28,44 @@ POOLED = ("seed", "meta.first_trial")
 DERIVED = ("rule", "rule.terms", "rule.per_layer", "reg.lam")
 
 
-def rule_label(rule) -> str:
-    """A rule's name for tables and legends: ``ehebb``, ``[0, 2, 3]`` or ``per_layer[f0, ehebb, f0]``."""
-    if rule.get("per_layer") is not None:
-        return "per_layer[" + ", ".join(str(r) for r in rule["per_layer"]) + "]"
-    terms = rule["terms"]
-    return terms if isinstance(terms, str) else str([int(t) if str(t).isdigit() else t for t in terms])
-
-
-def parse_overrides(lines) -> dict[str, str]:
-    return {key.lstrip("+~"): value for key, _, value in (str(line).partition("=") for line in lines)}
-
-
-def find_jobs(directories) -> list[Path]:
+def find_jobs(directories) -> list[RunDir]:
     """Job directories (those with ``.hydra/overrides.yaml``) under each given directory, in order."""
-    jobs = []
-    for directory in directories:
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise SystemExit(f"metaplast.sweep: error: {directory} is not a directory")
-        found = sorted(p.parent.parent for p in directory.rglob(".hydra/overrides.yaml"))
-        if not found:
-            raise SystemExit(
-                f"metaplast.sweep: error: no Hydra job directory (with .hydra/) under {directory}"
-            )
-        jobs.extend(found)
-    return jobs
+    try:
+        return [job for directory in directories for job in hydra_jobs(directory)]
+    except RunError as error:
+        raise SystemExit(f"metaplast.sweep: error: {error}") from None
 
 
 def collect(directories) -> tuple[pd.DataFrame, list[Path]]:
     """One row per finished job and trial (overrides, rule, λ, seed, accuracy, Θ), and the unfinished jobs."""
     rows, unfinished = [], []
     for job in find_jobs(directories):
-        if not (job / RESULT).exists():
-            unfinished.append(job)
+        result = job.result
+        if result is None:
+            unfinished.append(job.path)
             continue
-        result = json.loads((job / RESULT).read_text())
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-        overrides = parse_overrides(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
-        threshold = OmegaConf.select(cfg, "objective.survive_threshold", default=1e-3)
-        for index, trial in enumerate(result["trials"]):
-            row = {"job": str(job), **{f"override:{k}": v for k, v in overrides.items()}}
+        final = job.final(sources=("result",))
+        config = job.config
+        reg = config.get("reg") or {}
+        threshold = (config.get("objective") or {}).get("survive_threshold", 1e-3)
+        for index, trial in enumerate(final.trials):
+            row = {"job": str(job.path), **{f"override:{k}": v for k, v in job.overrides.items()}}
             row.update(
-                rule=rule_label(cfg.rule),
-                lam=float(cfg.reg.lam) if str(cfg.reg.kind) != "none" else 0.0,
-                seed=int(cfg.seed),
+                rule=job.rule_label,
+                lam=float(reg.get("lam", 0.0)) if str(reg.get("kind", "none")) != "none" else 0.0,
+                seed=int(config.get("seed", 0)),
                 trial=int(trial),
                 threshold=float(threshold),
                 acc=result["meta_acc"][index],
             )
-            row.update({f"theta_{r}": v for r, v in zip(result["terms"], result["theta"][index])})
+            row.update(final.columns(final.values[index]))
             rows.append(row)
     return pd.DataFrame(rows), unfinished
+
+
+def _theta_order(column: str) -> tuple:
+    """Θ columns shared by all layers by term id, then per-layer ones by layer and term id."""
+    return column.startswith("theta_layer"), [int(n) for n in re.findall(r"\d+", column)]
 
 
 def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
@@ -91,15 +77,14 @@ def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFr
         if c.removeprefix("override:") not in POOLED + DERIVED and trials[c].fillna("").nunique() > 1
     ]
     keys = [*varying, "rule", "lam"]
-    theta_columns = [c for c in trials.columns if c.startswith("theta_")]
+    theta_columns = sorted((c for c in trials.columns if theta_term(c) is not None), key=_theta_order)
     table = []
     for values, group in trials.fillna({c: "" for c in varying}).groupby(keys, sort=False):
         accuracy = group["acc"].dropna()  # diverged trials have none
         low, high = bootstrap_ci(accuracy) if len(accuracy) else (float("nan"), float("nan"))
-        terms = [c.removeprefix("theta_") for c in theta_columns if group[c].notna().all()]
-        mean_theta = {f"theta_{r}": group[f"theta_{r}"].mean() for r in terms}
+        mean_theta = {c: group[c].mean() for c in theta_columns if group[c].notna().all()}
         limit = threshold if threshold is not None else group["threshold"].max()
-        alive = surviving_terms(mean_theta.values(), terms, limit)
+        alive = sorted(set(surviving_terms(mean_theta.values(), [theta_term(c) for c in mean_theta], limit)))
         row = {c.removeprefix("override:"): v for c, v in zip(keys, values)}
         row.update(
             jobs=group["job"].nunique(),
