@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from metaplast.analysis import report, results, sweep
+from metaplast.analysis import report, results, sweeps
 from metaplast.analysis.report import rule_equation
 from metaplast.analysis.rundir import RunDir, RunError, expand, hydra_jobs
 from metaplast.core.rules import Rule
@@ -107,7 +107,7 @@ def test_multirun_overrides_labels_and_rule_names_come_from_one_place(make_cfg, 
         multirun / "sweep" / "0", make_cfg("rule.per_layer=[f0,ehebb,f0]"), ["rule.per_layer=[f0,ehebb,f0]"]
     )
     results.write_json(multirun / "sweep" / "0" / "result.json", result)
-    table = sweep.report([multirun / "sweep"], tmp_path / "out")
+    table = sweeps.report([multirun / "sweep"], tmp_path / "out")
     assert table["rule"].tolist() == ["[f0,ehebb,f0]"]
     assert (table.loc[0, "theta_0"], table.loc[0, "theta_2"]) == pytest.approx((2e-2, -1e-2))
     assert table.loc[0, "surviving_terms"] == "0 2"

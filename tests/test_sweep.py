@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import TINY, run_cli
-from metaplast.analysis import results, sweep
+from metaplast.analysis import results, sweep, sweeps
 from metaplast.run.train import run
 from wandb_file import offline_run_file, records, summary
 
@@ -201,7 +201,7 @@ def test_aggregation_of_known_jobs(make_cfg, tmp_path):
     (sweep_dir / "4" / ".hydra/overrides.yaml").write_text("- reg.lam=1\n")
 
     out = tmp_path / "out"
-    table = sweep.report([sweep_dir], out)
+    table = sweeps.report([sweep_dir], out)
     assert list(table["lam"]) == [0.0, 1e-3]
     assert list(table["rule"]) == ["bio", "bio"]
     for row, lam in zip(table.itertuples(), [0.0, 1e-3]):

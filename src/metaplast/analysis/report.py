@@ -480,7 +480,7 @@ def main(argv=None) -> None:
     print(f"wrote {len(written)} files to {args.out}: open {Path(args.out) / 'index.html'}")
     sweeps = [Path(path) for path in args.runs if (Path(path) / "multirun.yaml").exists()]
     if sweeps:  # Hydra multirun directories: also one table over all their jobs (metaplast.sweep)
-        from metaplast.analysis.sweep import report as sweep_report
+        from metaplast.analysis.sweeps import report as sweep_report
 
         sweep_report(sweeps, Path(args.out) / "sweep")
         print(f"wrote the sweep table and λ plots to {Path(args.out) / 'sweep'}: sweep.md, sweep.csv")

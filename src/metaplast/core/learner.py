@@ -19,12 +19,12 @@ from metaplast.core.networks import MLP, Products
 from metaplast.core.pathways import Pathway
 from metaplast.core.rules import Rule
 from metaplast.core.terms import (
-    TERM_COUNT,
-    USES_WT_Y,
+    TERMS,
     LayerSignals,
     apply_update,
     dense_update,
     update_factors,
+    uses_wt_y,
 )
 
 #: How Θ is shared (``rule.share``): one row per trial for all layers (the 2023 paper), one
@@ -46,7 +46,7 @@ class State:
 
 def expand_theta(theta: Tensor, terms, layer_terms) -> Tensor:
     """Dense ``(trials, 10)`` coefficients of one layer: Θ's entries for ``layer_terms``, zero elsewhere."""
-    dense = theta.new_zeros(theta.shape[0], TERM_COUNT)
+    dense = theta.new_zeros(theta.shape[0], max(TERMS) + 1)
     columns = [terms.index(r) for r in layer_terms]
     return dense.index_copy(1, torch.tensor(layer_terms, device=theta.device), theta[:, columns])
 
@@ -122,12 +122,12 @@ class Learner:
         ys, zs = net.forward(state.weights, x, state.biases, products.forward)
         output_error = net.output_error(zs[-1], ys[-1], target)
         es = pathway.teaching_signals(
-            net, ys, zs, output_error, state.weights, state.feedback, products, self.exact_bp
+            net, ys, zs, output_error, state.weights, state.feedback, products, self.exact_bp, meta
         )
         post = pathway.feedback_activations(ys, zs, target, state.feedback, meta) or ys
         layers = []
         for i, terms in enumerate(self.rule.layer_terms):
-            wt_y = products.wt_y(i, post[i + 1]) if USES_WT_Y & set(terms) else None
+            wt_y = products.wt_y(i, post[i + 1]) if uses_wt_y(terms) else None
             layers.append(LayerSignals(ys[i], post[i + 1], es[i], es[i + 1], zs[i], wt_y))
         return layers, ys, es
 

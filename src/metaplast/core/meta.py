@@ -24,7 +24,7 @@ from torch import Tensor
 
 from metaplast.core.learner import Learner, State
 from metaplast.core.networks import Products
-from metaplast.core.terms import TERM_IDS, term_norms
+from metaplast.core.terms import TERMS, term_norms
 
 #: Regularisers R of a meta-parameter group, per trial: ‖·‖₁ (Eq. 6), ‖·‖₂ — the norm, not its
 #: square (Eq. S.16) — or none.
@@ -55,7 +55,9 @@ class MetaParameters(torch.nn.Module):
       (one value per rule term);
     - ``psi``: the pathway's own rule coefficients (plastic feedback), starting at ``psi_init``;
     - ``feedback``: meta-learned initial matrices of the pathway (given starting values), or none;
-    - ``init``: meta-learned initial weights of chosen layers ``{layer: (T, n, m)}``, or none.
+    - ``init``: meta-learned initial weights of chosen layers ``{layer: (T, n, m)}``, or none;
+    - the pathway's own meta-parameters (:meth:`metaplast.core.pathways.Pathway.meta_parameters`),
+      each under its own name.
     """
 
     def __init__(
@@ -82,6 +84,13 @@ class MetaParameters(torch.nn.Module):
         self.init = torch.nn.ParameterDict(
             {str(layer): torch.nn.Parameter(w.clone()) for layer, w in (init or {}).items()}
         )
+        own = learner.pathway.meta_parameters(trials, learner.network.sizes)
+        clash = set(own) & {"theta", "psi", "feedback", "init"}
+        if clash:
+            raise ValueError(f"the pathway's meta-parameters {sorted(clash)} clash with metaplast's own")
+        self.extra = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(v.to(row.dtype).clone()) for k, v in own.items()}
+        )
 
     def groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Named groups of parameters (one Adam parameter group each), only those in use."""
@@ -93,6 +102,7 @@ class MetaParameters(torch.nn.Module):
             groups["feedback"] = list(self.feedback)
         if len(self.init):
             groups["init"] = list(self.init.values())
+        groups.update({name: [value] for name, value in self.extra.items()})
         return groups
 
     def as_meta(self) -> dict:
@@ -105,6 +115,7 @@ class MetaParameters(torch.nn.Module):
             meta["feedback"] = list(self.feedback)
         if len(self.init):
             meta["init"] = {int(k): v for k, v in self.init.items()}
+        meta.update(self.extra.items())
         return meta
 
 
@@ -125,8 +136,10 @@ def check_term_scale(spec) -> None:
             r = int(key)
         except (TypeError, ValueError):
             r = None
-        if r not in TERM_IDS:
-            raise ValueError(f"{{{key!r}: {value!r}}}: {key!r} is not a term id; allowed: 0..9")
+        if r not in TERMS:
+            raise ValueError(
+                f"{{{key!r}: {value!r}}}: {key!r} is not a term id; allowed: {min(TERMS)}..{max(TERMS)}"
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"{{{key!r}: {value!r}}}: the scale must be a finite number > 0")
 

@@ -17,7 +17,9 @@ def vector_angle(u: Tensor, v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def episode_metrics(learner: Learner, state: State, x_query: Tensor, y_query: Tensor) -> dict[str, Tensor]:
+def episode_metrics(
+    learner: Learner, state: State, x_query: Tensor, y_query: Tensor, meta=None
+) -> dict[str, Tensor]:
     """Per-trial query metrics of adapted weights.
 
     - ``loss`` (T,), ``acc`` (T,): loss and (for classification) accuracy;
@@ -28,7 +30,7 @@ def episode_metrics(learner: Learner, state: State, x_query: Tensor, y_query: Te
     net, weights = learner.network, state.weights
     ys, zs = net.forward(weights, x_query, state.biases)
     output_error = net.output_error(zs[-1], ys[-1], y_query)
-    run = learner.pathway.teaching_signals(net, ys, zs, output_error, weights, state.feedback)
+    run = learner.pathway.teaching_signals(net, ys, zs, output_error, weights, state.feedback, meta=meta)
     bp = Backprop().teaching_signals(net, ys, zs, output_error, weights, [])
     angle = torch.stack([vector_angle(a.mean(1), b.mean(1)) for a, b in zip(run[:-1], bp[:-1])], dim=1)
     orth = torch.stack(

@@ -47,8 +47,11 @@ class Pathway:
         draw = INITIALISERS[init]
         return [draw(rows, cols, generators) for rows, cols in self.matrix_shapes(sizes)]
 
-    def send(self, index: int, e: Tensor, weights, feedback, products: Products, exact: bool) -> Tensor:
-        """``e B^T`` into layer ``index`` (``B`` = ``feedback[index]``)."""
+    def send(
+        self, index: int, e: Tensor, weights, feedback, products: Products, exact: bool, meta=None
+    ) -> Tensor:
+        """``e B^T`` into layer ``index`` (``B`` = ``feedback[index]``); ``meta`` holds the
+        meta-parameters (the pathway's own among them, :meth:`meta_parameters`)."""
         return products.send(index, e, feedback[index])
 
     def teaching_signals(
@@ -61,6 +64,7 @@ class Pathway:
         feedback: list[Tensor],
         products: Products | None = None,
         exact: bool = True,
+        meta=None,
     ) -> list[Tensor]:
         """Errors ``[e_0..e_L]`` (Eq. 3) with the synthetic ``e_0`` of Eq. 24.
 
@@ -70,10 +74,15 @@ class Pathway:
         errors = [output_error]
         for layer in range(len(ys) - 1, 0, -1):  # produce e_{layer-1}
             signal = output_error if self.direct else errors[0]
-            sent = self.send(layer - 1, signal, weights, feedback, products, exact)
+            sent = self.send(layer - 1, signal, weights, feedback, products, exact, meta)
             z = zs[layer - 2] if layer >= 2 else ys[0]
             errors.insert(0, sent * network.slope(ys[layer - 1], z))
         return errors
+
+    def meta_parameters(self, trials: int, sizes) -> dict[str, Tensor]:
+        """Meta-parameters of the pathway's own, by name, with their starting values ``(trials, ...)``:
+        learned by Adam like Θ (each its own group) and handed to the pathway in ``meta``."""
+        return {}
 
     def feedback_activations(self, ys, zs, target, feedback, meta) -> list[Tensor] | None:
         """Activations after feedback, seen by the rule as postsynaptic (None: unchanged)."""
@@ -99,7 +108,7 @@ class Backprop(Pathway):
 
     has_matrices = False
 
-    def send(self, index, e, weights, feedback, products, exact):
+    def send(self, index, e, weights, feedback, products, exact, meta=None):
         if exact:
             return products.backward(index, e)
         return products.send(index, e, weights[index].detach().transpose(-1, -2))
@@ -113,7 +122,7 @@ class SignSymmetric(Pathway):
 
     has_matrices = False
 
-    def send(self, index, e, weights, feedback, products, exact):
+    def send(self, index, e, weights, feedback, products, exact, meta=None):
         weight = weights[index].detach()
         scale = math.sqrt(6.0 / sum(weight.shape[-2:])) / 2
         return products.send(index, e, (weight.sign() * scale).transpose(-1, -2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from metaplast.core.terms import TERM_IDS
+from metaplast.core.terms import TERM_IDS, TERMS
 
 #: Named rules: Eq. 4 (f0), Eq. 5 (pool), Eq. 7 (bio), Eq. 8 (ehebb), Eq. 10 (oja). One line each.
 NAMED_RULES: dict[str, tuple[int, ...]] = {
@@ -23,15 +23,15 @@ def resolve_rule(spec: str | int | Iterable[int]) -> tuple[int, ...]:
         if spec not in NAMED_RULES:
             raise ValueError(
                 f"rule {spec!r} is unknown; allowed: {', '.join(NAMED_RULES)} or a list of term ids "
-                f"{TERM_IDS[0]}..{TERM_IDS[-1]}"
+                f"{min(TERMS)}..{max(TERMS)}"
             )
         return NAMED_RULES[spec]
     ids = [spec] if isinstance(spec, int) else list(spec)
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i not in TERM_IDS]
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i not in TERMS]
     if bad or not ids:
         raise ValueError(
             f"rule terms {ids!r} are invalid ({bad!r}); allowed: a non-empty list of term ids "
-            f"{TERM_IDS[0]}..{TERM_IDS[-1]}"
+            f"{min(TERMS)}..{max(TERMS)}"
         )
     if len(set(ids)) != len(ids):
         raise ValueError(f"rule terms {ids!r} repeat an id; each term id may appear once")

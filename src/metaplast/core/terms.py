@@ -62,11 +62,19 @@ TERMS: dict[int, Term] = {
     ),
     9: Term("y", lambda s: s.y_pre - s.wt_y, "y_l y_{l-1}^T - y_l y_l^T W", needs_wt_y=True),
 }
+#: The paper's pool (the ids of :data:`TERMS` when it was written; a term added later is not in it).
 TERM_IDS = tuple(TERMS)
-TERM_COUNT = len(TERMS)
-TERM_FORMULAS = {r: term.formula for r, term in TERMS.items()}
-#: Terms that need ``W^T y_l`` (the product ``y_l^T W`` of Eqs. 19, 20 and 23).
-USES_WT_Y = frozenset(r for r, term in TERMS.items() if term.needs_wt_y)
+TERM_FORMULAS = {r: term.formula for r, term in TERMS.items()}  # the paper's; see :func:`formula`
+
+
+def formula(r: int) -> str:
+    """The formula of term ``r`` as text (reports, rule equations)."""
+    return TERMS[r].formula
+
+
+def uses_wt_y(active: Iterable[int]) -> bool:
+    """Whether a term of ``active`` needs ``W^T y_ℓ`` (the product ``y_ℓ^T W`` of Eqs. 19, 20, 23)."""
+    return any(TERMS[r].needs_wt_y for r in active)
 
 
 def _left(name: str, s: LayerSignals) -> Tensor:
@@ -112,7 +120,7 @@ def layer_signals(
     weight: Tensor, active: Iterable[int], y_pre, y_post, e_pre, e_post, z_post
 ) -> LayerSignals:
     """The :class:`LayerSignals` of one layer, with ``wt_y = y_ℓ W`` only when a term needs it."""
-    wt_y = y_post @ weight if USES_WT_Y & set(active) else None
+    wt_y = y_post @ weight if uses_wt_y(active) else None
     return LayerSignals(y_pre, y_post, e_pre, e_post, z_post, wt_y)
 
 

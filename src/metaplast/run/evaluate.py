@@ -31,7 +31,7 @@ from metaplast.analysis.rundir import RunDir, RunError
 from metaplast.core.inner_loop import adapt
 from metaplast.core.metrics import episode_metrics
 from metaplast.core.rules import Rule
-from metaplast.core.terms import TERM_IDS
+from metaplast.core.terms import TERMS
 from metaplast.data import DataError, trial_generators
 from metaplast.run.config import (
     ConfigError,
@@ -111,9 +111,9 @@ def resolve_theta(cfg, depth: int) -> tuple[Rule, torch.Tensor]:
         rule = build_rule(cfg)
         values = {r: (cfg.rule.theta0_init if r == 0 else cfg.rule.theta_init) for r in rule.terms}
         values.update({int(r): float(v) for r, v in (cfg.theta or {}).items()})
-    bad = sorted(set(values) - set(TERM_IDS))
+    bad = sorted(set(values) - set(TERMS))
     if bad:
-        raise ConfigError(f"theta has term ids {bad}; allowed: term ids 0..9")
+        raise ConfigError(f"theta has term ids {bad}; allowed: term ids {min(TERMS)}..{max(TERMS)}")
     return rule, torch.tensor([values[r] for r in rule.terms])
 
 

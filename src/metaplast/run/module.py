@@ -102,7 +102,7 @@ class MetaPlasticity(L.LightningModule):
         rates = {"theta": lr, "psi": self.cfg.feedback.lr, "feedback": self.cfg.feedback.lr}
         rates["init"] = self.cfg.model.init_lr
         groups = [
-            {"params": params, "lr": rates[name] if rates[name] is not None else lr, "name": name}
+            {"params": params, "lr": rates.get(name) or lr, "name": name}
             for name, params in self.meta.groups().items()
         ]
         return torch.optim.Adam(groups, lr=lr)
@@ -140,7 +140,7 @@ class MetaPlasticity(L.LightningModule):
             cfg.trainer.recompute_segment,
         )
         loss = self.learner.query_loss(adapted, x_query, y_query) + self.regularisation()
-        metrics = episode_metrics(self.learner, adapted.detach(), x_query, y_query)
+        metrics = episode_metrics(self.learner, adapted.detach(), x_query, y_query, meta)
         record = episode_record(self.meta, self.rule.terms, metrics, loss)
         # Divergence: non-finite activations show in the weights, the loss or the metrics.
         finite = loss.detach().isfinite()

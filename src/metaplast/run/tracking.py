@@ -31,6 +31,12 @@ def meta_columns(meta, terms) -> dict[str, torch.Tensor]:
             columns.update({f"theta/layer{layer}/{r}": theta[:, layer, i] for i, r in enumerate(terms)})
     if hasattr(meta, "psi"):
         columns.update({f"psi/{k}": meta.psi[:, k] for k in range(meta.psi.shape[1])})
+    for name, value in meta.extra.items():  # a pathway's own: each entry, or the mean when large
+        flat = value.reshape(value.shape[0], -1)
+        if flat.shape[1] <= 20:
+            columns.update({f"{name}/{i}": flat[:, i] for i in range(flat.shape[1])})
+        else:
+            columns[f"{name}/mean"] = flat.mean(1)
     return columns
 
 
@@ -50,9 +56,13 @@ def episode_record(meta, terms, metrics: dict[str, torch.Tensor], total_loss: to
     return {key: value.detach().double().cpu().clone() for key, value in record.items()}
 
 
+#: Key prefixes of results; every other key of an episode record is a meta-parameter.
+RESULTS = ("meta/", "angle/", "orth/")
+
+
 def is_meta_parameter(key: str) -> bool:
     """Keys of meta-parameters (kept for a diverged trial: the values it ran with), not results."""
-    return key.startswith(("theta/", "psi/"))
+    return not key.startswith(RESULTS)
 
 
 def flag_diverged(record: dict[str, torch.Tensor], diverged: torch.Tensor) -> dict[str, torch.Tensor]:
