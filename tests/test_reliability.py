@@ -437,3 +437,51 @@ def test_a_report_figure_that_fails_midway_leaves_the_previous_file(tmp_path):
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
     plt.close(fig)
+
+
+class Recorder(L.Callback):
+    """Θ before and after every episode, and Adam's state after it."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before = module.theta.detach().clone()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        state = trainer.optimizers[0].state[module.meta.theta]
+        adam = {k: v.clone() for k, v in state.items()}
+        self.steps.append((self.before, module.theta.detach().clone(), adam, module.step_factor.clone()))
+
+
+def test_after_a_divergence_a_trial_takes_smaller_adam_steps_that_grow_back(make_cfg, tmp_path):
+    """μ × Adam's own step, μ = ρ^k after k divergences, then × ρ^(-1/10) per finite episode."""
+    module = three_trials(make_cfg, tmp_path / "run", max_diverged=100)
+    recorder, blow_up = Recorder(), BlowUpAt(episode=1, value=1e6)
+    trainer = L.Trainer(
+        max_steps=9,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[blow_up, recorder],
+        default_root_dir=str(tmp_path / "run"),
+    )
+    trainer.fit(module)
+    flags = [int(r["meta_diverged"]) for r in read_csv(tmp_path / "run" / "metrics.csv")][1::3]
+    k = flags.index(0, 1) - 1  # divergences in a row from episode 1 on
+    assert k >= 2 and flags[: k + 1] == [0] + [1] * k
+    factors = [step[3][1].item() for step in recorder.steps]
+    assert factors[k] == pytest.approx(0.5**k)
+    assert factors[k + 1] == pytest.approx(0.5**k / 0.5**0.1)  # grows back after a finite episode
+    assert all(step[3][[0, 2]].eq(1).all() for step in recorder.steps)  # the other trials: μ = 1
+    # the first finite episode after the streak: θ_0 moves by μ × the step Adam computed (θ_2, still
+    # ~1e5 after the halvings, has no float32 digits left for a step of ~1e-3)
+    before, after, adam, _ = recorder.steps[k + 1]
+    lr, (b1, b2), eps, t = 1e-3, (0.9, 0.999), 1e-8, int(adam["step"])
+    m, v = adam["exp_avg"][1, 0] / (1 - b1**t), adam["exp_avg_sq"][1, 0] / (1 - b2**t)
+    raw = -lr * m / (v.sqrt() + eps)
+    assert raw.abs() > 1e-5
+    assert (after[1, 0] - before[1, 0]).item() == pytest.approx(0.5**k * raw.item(), rel=1e-3)

@@ -122,14 +122,23 @@ class MetaParameters(torch.nn.Module):
 # ---------------------------------------------------------------- term scaling
 
 
+#: Named scale sets: ``measured`` are the scales that removed the divergence of the pool in the
+#: discovery issue (about each term's size relative to F^0, with a margin of 5 for the cubic
+#: terms F^6..F^8, which grow as the weights do; docs/results.md, Discovery).
+NAMED_TERM_SCALES: dict[str, dict[int, float]] = {
+    "measured": {3: 10.0, 4: 3.0, 5: 45.0, 6: 5.0, 7: 5.0, 8: 5.0, 9: 25.0},
+}
+
+
 def check_term_scale(spec) -> None:
-    """``null``, ``auto`` or a mapping ``{term id: finite s > 0}``; raises ValueError naming the value."""
-    if spec is None or spec == "auto":
+    """``null``, ``auto``, a name of :data:`NAMED_TERM_SCALES` or a mapping ``{term id: finite s > 0}``;
+    raises ValueError naming the value."""
+    if spec is None or spec == "auto" or (isinstance(spec, str) and spec in NAMED_TERM_SCALES):
         return
     if not isinstance(spec, Mapping):
         raise ValueError(
-            f"{spec!r} is not allowed; allowed: null (plain Adam), auto (measured), "
-            "or a mapping term id -> scale, e.g. {5: 45, 9: 25}"
+            f"{spec!r} is not allowed; allowed: null (plain Adam), auto (measured before training), "
+            f"{', '.join(NAMED_TERM_SCALES)}, or a mapping term id -> scale, e.g. {{5: 45, 9: 25}}"
         )
     for key, value in spec.items():
         try:
@@ -144,8 +153,10 @@ def check_term_scale(spec) -> None:
             raise ValueError(f"{{{key!r}: {value!r}}}: the scale must be a finite number > 0")
 
 
-def fixed_scales(spec: Mapping, terms) -> list[float]:
-    """One scale per column of Θ (the rule's terms) from ``{term id: s}``; unnamed terms get 1."""
+def fixed_scales(spec: Mapping | str, terms) -> list[float]:
+    """One scale per column of Θ (the rule's terms) from ``{term id: s}`` or a named set; unnamed
+    terms get 1."""
+    spec = NAMED_TERM_SCALES[spec] if isinstance(spec, str) else spec
     given = {int(r): float(s) for r, s in spec.items()}
     return [given.get(r, 1.0) for r in terms]
 

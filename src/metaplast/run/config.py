@@ -283,8 +283,8 @@ def validate(cfg) -> Rule:
         _fail("model.beta", cfg.model.beta, "a positive number")
     if _value(cfg.model.init) == "normal" and not (cfg.model.init_std is not None and cfg.model.init_std > 0):
         _fail("model.init_std", cfg.model.init_std, "a standard deviation > 0 for model.init=normal")
-    if not 0 <= cfg.meta.backtrack < 1:
-        _fail("meta.backtrack", cfg.meta.backtrack, "a number in [0, 1) (0: back to the last finite Θ)")
+    if not 0 < cfg.meta.backtrack < 1:
+        _fail("meta.backtrack", cfg.meta.backtrack, "a number in (0, 1)")
     if _value(cfg.meta.sampling) == "authors" and cfg.model.remap_labels:
         allowed = "fresh with model.remap_labels=true (the authors' tasks can repeat a class)"
         _fail("meta.sampling", "authors", allowed)

@@ -23,6 +23,8 @@ warnings.filterwarnings("ignore", message=".*that ended before the epoch ended.*
 #: Random streams of a trial (metaplast.data.stream_seed): 0 weights and feedback of each episode,
 #: 1 tasks, 4 the starting values of meta-learned matrices and weights.
 STREAM_INIT, STREAM_TASKS, STREAM_LEARNED = 0, 1, 4
+#: Finite episodes over which a trial's step-size factor grows back by 1/ρ after a divergence.
+RECOVERY = 10
 
 
 class MetaPlasticity(L.LightningModule):
@@ -82,6 +84,8 @@ class MetaPlasticity(L.LightningModule):
         # step); before any, zeros: Θ = 0 is the rule that changes nothing, always finite.
         self.anchor = [torch.zeros_like(p) for p in self.meta.parameters()]
         self.anchored = torch.zeros(meta.trials, dtype=torch.bool)
+        # Each trial's step-size factor μ: × ρ at a divergence, back towards 1 after finite episodes.
+        self.step_factor = torch.ones(meta.trials)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -172,7 +176,10 @@ class MetaPlasticity(L.LightningModule):
         where P_a are those of its last finite episode (0 before any) and ρ = ``meta.backtrack``,
         and the first moment of its Adam state is multiplied by ρ (its second moment is kept),
         so it neither re-runs what diverged nor loses its progress; consecutive divergences
-        shrink the distance again and again. Adam's step count advances for all trials.
+        shrink the distance again and again. Its later Adam steps are scaled by a factor μ
+        that a divergence multiplies by ρ and that grows back to 1 by 1/ρ over every
+        :data:`RECOVERY` finite episodes (a trust region), so it does not walk straight back
+        into the region that diverged. Adam's step count advances for all trials.
         """
         state = getattr(optimizer, "optimizer", optimizer).state
         params = list(self.meta.parameters())
@@ -181,6 +188,11 @@ class MetaPlasticity(L.LightningModule):
         optimizer.step(closure=optimizer_closure)
         self._scale_theta(multiply=False)
         episode, record, finite = self._episode
+        if (self.step_factor < 1).any():  # a trial's step × μ (trust region after a divergence)
+            with torch.no_grad():
+                for p, value in zip(params, values):
+                    factor = self.step_factor.to(value).reshape(-1, *[1] * (value.dim() - 1))
+                    p.copy_(value + factor * (p - value))
         for p in params:
             finite = finite & p.detach().reshape(len(finite), -1).isfinite().all(1)
             if p.grad is not None:
@@ -199,6 +211,8 @@ class MetaPlasticity(L.LightningModule):
                         state[p]["exp_avg"][diverged] *= rho
                 anchor[finite.to(anchor.device)] = value[finite].to(anchor)
             self.anchored |= finite.cpu()
+            grown = (self.step_factor / rho ** (1 / RECOVERY)).clamp(max=1.0)
+            self.step_factor = torch.where(diverged.cpu(), self.step_factor * rho, grown)
         self.diverged_streak = [n + 1 if d else 0 for n, d in zip(self.diverged_streak, diverged.tolist())]
         self._episode = (episode, flag_diverged(record, diverged), diverged.cpu())
 
@@ -237,6 +251,7 @@ class MetaPlasticity(L.LightningModule):
         checkpoint["metaplast_backtrack"] = {
             "anchor": [a.clone() for a in self.anchor],
             "anchored": self.anchored,
+            "step_factor": self.step_factor,
         }
         if self.term_scale is not None:
             checkpoint["metaplast_term_scale"] = self.term_scale.tolist()
@@ -251,6 +266,7 @@ class MetaPlasticity(L.LightningModule):
         if "metaplast_backtrack" in checkpoint:
             self.anchor = [a.clone() for a in checkpoint["metaplast_backtrack"]["anchor"]]
             self.anchored = checkpoint["metaplast_backtrack"]["anchored"].clone()
+            self.step_factor = checkpoint["metaplast_backtrack"]["step_factor"].clone()
         saved = checkpoint.get("metaplast_term_scale")
         current = None if self.term_scale is None else self.term_scale.tolist()
         if saved != current:
