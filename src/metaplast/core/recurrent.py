@@ -96,8 +96,9 @@ class RecurrentLearner:
 
     def __post_init__(self):
         if self.rule.terms not in RECURRENT_TERMS:
+            terms = list(self.rule.terms)
             raise ValueError(
-                f"the recurrent network takes rule f0 (BPTT) or oja (BPTT+Oja), got terms {list(self.rule.terms)}"
+                f"the recurrent network takes rule f0 (BPTT) or oja (BPTT+Oja), got terms {terms}"
             )
 
     def theta_shape(self, trials: int) -> list[tuple[int, ...]]:
