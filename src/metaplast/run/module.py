@@ -23,8 +23,6 @@ warnings.filterwarnings("ignore", message=".*that ended before the epoch ended.*
 #: Random streams of a trial (metaplast.data.stream_seed): 0 weights and feedback of each episode,
 #: 1 tasks, 4 the starting values of meta-learned matrices and weights.
 STREAM_INIT, STREAM_TASKS, STREAM_LEARNED = 0, 1, 4
-#: Finite episodes over which a trial's step-size factor grows back by 1/ρ after a divergence.
-RECOVERY = 10
 
 
 class MetaPlasticity(L.LightningModule):
@@ -84,8 +82,6 @@ class MetaPlasticity(L.LightningModule):
         # step); before any, zeros: Θ = 0 is the rule that changes nothing, always finite.
         self.anchor = [torch.zeros_like(p) for p in self.meta.parameters()]
         self.anchored = torch.zeros(meta.trials, dtype=torch.bool)
-        # Each trial's step-size factor μ: × ρ at a divergence, back towards 1 after finite episodes.
-        self.step_factor = torch.ones(meta.trials)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -165,54 +161,63 @@ class MetaPlasticity(L.LightningModule):
                     theta.grad.div_(scale)
 
     def on_before_optimizer_step(self, optimizer):
-        """Called after the backward pass: hand Adam ``φ = s θ`` and ``dL/dφ = dL/dθ / s``."""
+        """Called after the backward pass: hand Adam ``φ = s θ`` and ``dL/dφ = dL/dθ / s``, and
+        give each diverged trial its surrogate gradient (:meth:`optimizer_step`)."""
         self._scale_theta(multiply=True, with_grad=True)
-
-    # --- divergence: a diverged trial backtracks towards its last finite meta-parameters ---
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """Adam's step; then each diverged trial takes a backtracking step instead.
-
-        A trial whose episode diverged with meta-parameters P moves to ``P_a + ρ (P - P_a)``,
-        where P_a are those of its last finite episode (0 before any) and ρ = ``meta.backtrack``,
-        and the first moment of its Adam state is multiplied by ρ (its second moment is kept),
-        so it neither re-runs what diverged nor loses its progress; consecutive divergences
-        shrink the distance again and again. Its later Adam steps are scaled by a factor μ
-        that a divergence multiplies by ρ and that grows back to 1 by 1/ρ over every
-        :data:`RECOVERY` finite episodes (a trust region), so it does not walk straight back
-        into the region that diverged. Adam's step count advances for all trials.
-        """
-        state = getattr(optimizer, "optimizer", optimizer).state
+        _, _, finite = self._episode
         params = list(self.meta.parameters())
-        before = [{k: v.clone() for k, v in state.get(p, {}).items() if torch.is_tensor(v)} for p in params]
-        values = [p.detach().clone() for p in params]
-        optimizer.step(closure=optimizer_closure)
-        self._scale_theta(multiply=False)
-        episode, record, finite = self._episode
-        if (self.step_factor < 1).any():  # a trial's step × μ (trust region after a divergence)
-            with torch.no_grad():
-                for p, value in zip(params, values):
-                    factor = self.step_factor.to(value).reshape(-1, *[1] * (value.dim() - 1))
-                    p.copy_(value + factor * (p - value))
         for p in params:
             finite = finite & p.detach().reshape(len(finite), -1).isfinite().all(1)
             if p.grad is not None:
                 finite &= p.grad.reshape(len(finite), -1).isfinite().all(1)
+        self._finite = finite
+        diverged = ~finite
+        if not diverged.any():
+            return
+        state = getattr(optimizer, "optimizer", optimizer).state
+        b2 = optimizer.param_groups[0]["betas"][1]
+        with torch.no_grad():
+            for p, anchor in zip(params, self.anchor):
+                anchor = anchor.to(p)
+                if self.term_scale is not None and any(p is t for t in self.meta.groups()["theta"]):
+                    anchor = anchor * self.term_scale.to(p)  # into Adam's φ = s θ
+                moments = state.get(p, {})
+                if "exp_avg_sq" in moments and int(moments["step"]) > 0:
+                    size = (moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))).sqrt()[diverged]
+                else:
+                    size = torch.ones_like(p[diverged])
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad[diverged] = size * torch.sign(p[diverged] - anchor[diverged])
+
+    # --- divergence: the optimiser learns from it ---
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Adam's step; a diverged trial steps back and its Adam state learns the direction.
+
+        A trial whose episode diverged with meta-parameters P gets the gradient of a bounded
+        surrogate loss instead of the meta-loss: ``S(P) = Σ_i √v̂_i |P_i - P_a,i|``, where P_a are
+        its meta-parameters of its last finite episode (0 before any: the rule that changes
+        nothing) and v̂ Adam's second moment — a gradient on the scale of its recent gradients
+        that points from the P that diverged back to P_a. Adam takes its step with it, so its
+        momentum turns away from the direction that led to the blow-up; and the trial moves to
+        ``P_a + ρ (P - P_a)`` (ρ = ``meta.backtrack``), so it neither re-runs the P that diverged
+        nor loses its progress, and consecutive divergences shrink the distance geometrically.
+        """
+        params = list(self.meta.parameters())
+        values = [p.detach().clone() for p in params]
+        optimizer.step(closure=optimizer_closure)
+        self._scale_theta(multiply=False)
+        episode, record, _ = self._episode
+        finite = self._finite
         diverged = ~finite
         rho = self.cfg.meta.backtrack
         with torch.no_grad():
-            for p, value, old, anchor in zip(params, values, before, self.anchor):
+            for p, value, anchor in zip(params, values, self.anchor):
                 if diverged.any():
                     target = anchor.to(value)[diverged]
                     p[diverged] = target + rho * (value[diverged] - target)
-                    for key, moment in state.get(p, {}).items():
-                        if torch.is_tensor(moment) and moment.shape == p.shape:
-                            moment[diverged] = old[key][diverged] if key in old else 0
-                    if "exp_avg" in state.get(p, {}):
-                        state[p]["exp_avg"][diverged] *= rho
                 anchor[finite.to(anchor.device)] = value[finite].to(anchor)
             self.anchored |= finite.cpu()
-            grown = (self.step_factor / rho ** (1 / RECOVERY)).clamp(max=1.0)
-            self.step_factor = torch.where(diverged.cpu(), self.step_factor * rho, grown)
         self.diverged_streak = [n + 1 if d else 0 for n, d in zip(self.diverged_streak, diverged.tolist())]
         self._episode = (episode, flag_diverged(record, diverged), diverged.cpu())
 
@@ -251,7 +256,6 @@ class MetaPlasticity(L.LightningModule):
         checkpoint["metaplast_backtrack"] = {
             "anchor": [a.clone() for a in self.anchor],
             "anchored": self.anchored,
-            "step_factor": self.step_factor,
         }
         if self.term_scale is not None:
             checkpoint["metaplast_term_scale"] = self.term_scale.tolist()
@@ -266,7 +270,6 @@ class MetaPlasticity(L.LightningModule):
         if "metaplast_backtrack" in checkpoint:
             self.anchor = [a.clone() for a in checkpoint["metaplast_backtrack"]["anchor"]]
             self.anchored = checkpoint["metaplast_backtrack"]["anchored"].clone()
-            self.step_factor = checkpoint["metaplast_backtrack"]["step_factor"].clone()
         saved = checkpoint.get("metaplast_term_scale")
         current = None if self.term_scale is None else self.term_scale.tolist()
         if saved != current:
