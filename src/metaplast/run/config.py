@@ -147,6 +147,7 @@ class TrainerConfig:
 class ObjectiveConfig:
     survive_threshold: float = 1e-3
     max_terms: int | None = None
+    last: int = 10  # final meta-accuracy: per trial, the mean over its last N episodes (analysis.results)
 
 
 @dataclass
@@ -296,6 +297,8 @@ def validate(cfg) -> Rule:
         _fail("objective.survive_threshold", cfg.objective.survive_threshold, "a number >= 0")
     if cfg.objective.max_terms is not None and cfg.objective.max_terms < 0:
         _fail("objective.max_terms", cfg.objective.max_terms, "null or an integer >= 0")
+    if cfg.objective.last < 1:
+        _fail("objective.last", cfg.objective.last, "an integer >= 1 (episodes averaged per trial)")
     _positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every)
     if cfg.trainer.recompute_segment < 0:
         _fail(
