@@ -15,6 +15,8 @@ from metaplast.data.glyphs import GLYPH_CLASSES, load_glyphs
 from metaplast.data.idx import DataError, load_idx_pair
 
 SPLITS = ("test", "train")
+#: The most classes a dataset may have: an IDX label id of 10^6 would build a 10^6-unit output layer.
+MAX_CLASSES = 1000
 OFFLINE_HINT = (
     "Offline alternatives: dataset=glyphs (synthetic, generated locally); "
     "dataset=idx dataset.root=/usr/share/datasets/fashion-mnist (real FashionMNIST, after "
@@ -68,16 +70,48 @@ def _read_pair(directory: Path, prefix: str, dataset: str) -> tuple[torch.Tensor
 
 
 def _to_float(images: torch.Tensor, source: str) -> torch.Tensor:
-    """(N, H, W) images as float32 (N, H*W) in [0, 1]."""
+    """(N, H, W) images as float32 (N, H*W) in [0, 1]; refuses empty sets, zero-size or
+    non-finite images and float pixels outside [0, 1]."""
     if images.dim() != 3:
         raise DataError(f"{source}: expected images of shape (N, H, W), found {tuple(images.shape)}")
+    if 0 in images.shape:
+        raise DataError(
+            f"{source}: images of shape {tuple(images.shape)}; "
+            "allowed: N >= 1 images of H x W >= 1 x 1 pixels"
+        )
     flat = images.reshape(images.shape[0], -1)
     if images.dtype == torch.uint8:
         return flat.float() / 255
     flat = flat.float()
-    if flat.numel() and (flat.min() < 0 or flat.max() > 1):
+    bad = ~flat.isfinite()
+    if bad.any():
+        first = int(bad.any(1).nonzero()[0])
+        raise DataError(
+            f"{source}: {int(bad.sum())} pixel values are NaN or infinite (the first in image {first}); "
+            "allowed: finite pixel values in [0, 1]"
+        )
+    if flat.min() < 0 or flat.max() > 1:
         raise DataError(f"{source}: {images.dtype} pixel values must lie in [0, 1]")
     return flat
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int | None, source: str) -> torch.Tensor:
+    """int64 labels in ``0..num_classes-1`` (None: the ids must stay below :data:`MAX_CLASSES`)."""
+    if labels.is_floating_point():
+        raise DataError(f"{source}: labels of type {labels.dtype}; allowed: integer class ids")
+    labels = labels.long()
+    if labels.numel() == 0:
+        raise DataError(f"{source}: no labels; allowed: one integer class id per image")
+    limit = MAX_CLASSES if num_classes is None else num_classes
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= limit:
+        bad = low if low < 0 else high
+        declared = "" if num_classes is None else " (the dataset's declared classes)"
+        raise DataError(
+            f"{source}: label id {bad} is out of range; allowed: class ids 0..{limit - 1}{declared}"
+            + (f"; at most {MAX_CLASSES} classes, one output unit each" if num_classes is None else "")
+        )
+    return labels
 
 
 def _torchvision_loader(
@@ -98,7 +132,8 @@ def _torchvision_loader(
         images, labels = _read_pair(raw, prefix(split), name)
         if transposed:
             images = images.transpose(1, 2)
-        return LabelledImages(_to_float(images, str(raw)), labels.long(), num_classes, name, False)
+        labels = _check_labels(labels, num_classes, str(raw))
+        return LabelledImages(_to_float(images, str(raw)), labels, num_classes, name, False)
 
     return load
 
@@ -110,9 +145,7 @@ def _mnist_prefix(split: str) -> str:
 def _load_idx(name: str, root: Path, split: str, download: bool, seed: int) -> LabelledImages:
     """Any directory holding {t10k,train}-{images-idx3,labels-idx1}-ubyte[.gz]."""
     images, labels = _read_pair(root, _mnist_prefix(split), name)
-    labels = labels.long()
-    if labels.numel() == 0 or labels.min() < 0:
-        raise DataError(f"dataset 'idx' in {root}: labels must be non-negative and not empty")
+    labels = _check_labels(labels, None, f"dataset 'idx' in {root}")
     return LabelledImages(_to_float(images, str(root)), labels, int(labels.max()) + 1, name, False)
 
 

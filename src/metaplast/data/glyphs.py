@@ -9,8 +9,10 @@ Everything is drawn from one seeded ``torch.Generator``: the same seed gives the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from metaplast.data.idx import DataError
+
+log = logging.getLogger("metaplast")
 
 # EMNIST balanced classes in its label order (the order of torchvision's EMNIST.classes).
 GLYPH_CLASSES = tuple("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt")
@@ -241,22 +245,60 @@ def _read_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return images, labels
 
 
+def _check_cache_location(root: Path, path: Path) -> None:
+    """The cache's root must be a directory (or not exist yet) and its file must not be a directory."""
+    for parent in [root, *root.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(
+                    f"glyph cache: the data root {str(root)!r} is not a directory ({str(parent)!r} is a "
+                    "file); allowed: a directory (dataset.root or $METAPLAST_DATA)"
+                )
+            break
+    if path.is_dir():
+        raise DataError(
+            f"glyph cache: {str(path)!r} is a directory, not a cache file; allowed: remove it "
+            "(it is rebuilt), or use another dataset.root"
+        )
+
+
+def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write the cache atomically (a private temporary file renamed over it), readable by all (0644)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    except OSError as err:
+        log.warning("glyph cache %s not written (%s); the glyphs are rebuilt next time", path, err)
+        return
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would lock out other users sharing the data root
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"images": images, "labels": labels}, f)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        log.warning("glyph cache %s not written (%s); the glyphs are rebuilt next time", path, err)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def load_glyphs(
     root: str | os.PathLike, per_class: int = 400, seed: int = 0, **jitter
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """generate_glyphs, cached as a .pt file under root (written atomically)."""
+    """generate_glyphs, cached as a .pt file under root (written atomically, mode 0644).
+
+    A cache that cannot be read (missing, truncated, corrupt, foreign, unreadable) is rebuilt; one
+    that cannot be written (read-only root, full disk) is skipped with a warning. A root that is a
+    file, or a cache path that is a directory, is refused (:class:`DataError`).
+    """
     path = glyphs_cache_path(root, per_class, seed, **jitter)
+    _check_cache_location(Path(root), path)
     cached = _read_cache(path, len(GLYPH_CLASSES) * per_class)
     if cached is not None:
         return cached
     images, labels = generate_glyphs(per_class, seed, **jitter)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": images, "labels": labels}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    _write_cache(path, images, labels)
     return images, labels

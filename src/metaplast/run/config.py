@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from metaplast.core.inner_loop import ESTIMATORS
 from metaplast.core.learner import SHARING, Learner
@@ -164,10 +164,20 @@ class Config:
     seed: int = 0
     ckpt_path: str | None = None
     resume: bool = True
+    verbose: bool = False  # a failure shows its traceback (else one line, metaplast.run.cli)
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "64-true", "32", "64")
+#: Seeds are 32-bit (numpy and Lightning's ``seed_everything`` take [0, 2^32)).
+SEED_LIMIT = 2**32
+#: The largest count a config may hold (a C int: episodes, sizes, steps, ...); memory is checked apart.
+INT_LIMIT = 2**31 - 1
+#: The largest magnitude of a real number in a config: float32's largest finite value.
+FLOAT_LIMIT = 3.4028234663852886e38
+#: W&B's limits (wandb.sdk.wandb_settings): project/entity characters and lengths, tag lengths.
+WANDB_FORBIDDEN = "/\\#?%:"
+WANDB_NAME_LIMIT, WANDB_TAG_LIMIT = 128, 64
 
 
 def register() -> None:
@@ -188,11 +198,11 @@ def hidden_sizes(model) -> list[int]:
     if model.depth is not None or model.width is not None:
         if model.depth is None or model.width is None:
             _fail("model.depth/model.width", (model.depth, model.width), "both set, or neither")
-        if model.depth < 0 or model.width < 1:
+        if not (0 <= model.depth <= INT_LIMIT and 1 <= model.width <= INT_LIMIT):
             _fail("model.depth/model.width", (model.depth, model.width), "depth >= 0 and width >= 1")
         return [model.width] * model.depth
     hidden = list(model.hidden or [])
-    if any(h < 1 for h in hidden):
+    if any(not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= INT_LIMIT for h in hidden):
         _fail("model.hidden", hidden, "a list of positive layer widths")
     return hidden
 
@@ -202,10 +212,18 @@ def build_rule(cfg) -> Rule:
     depth = len(hidden_sizes(cfg.model)) + 1
     per_layer = None if cfg.rule.per_layer is None else list(cfg.rule.per_layer)
     terms = cfg.rule.terms
+    if per_layer is None and terms is None:
+        _fail("rule.terms", None, "a named rule (f0, pool, bio, ehebb, oja) or a list of term ids")
+    if per_layer is not None and any(spec is None for spec in per_layer):
+        _fail("rule.per_layer", per_layer, "one named rule or list of term ids per layer, none null")
+    if OmegaConf.is_config(terms):
+        terms = OmegaConf.to_container(terms)
+    if isinstance(terms, (list, tuple)) and any(isinstance(t, (list, tuple, dict)) for t in terms):
+        _fail("rule.terms", terms, "a named rule or a flat list of term ids")
     terms = list(terms) if not isinstance(terms, (str, int)) and terms is not None else terms
     try:
         return Rule.build(terms, depth, per_layer)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         name = "rule.per_layer" if per_layer is not None else "rule.terms"
         raise ConfigError(f"{name}: {error}") from None
 
@@ -252,69 +270,229 @@ def typed(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
 
 
-def _positive(name: str, value, allowed: str = "an integer >= 1") -> None:
-    if value < 1:
-        _fail(name, value, allowed)
+def _integer(
+    name: str, value, low: int, high: int = INT_LIMIT, nullable: bool = False, allowed: str | None = None
+) -> None:
+    """``value`` an integer in ``[low, high]`` (or null when ``nullable``)."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        too_large = isinstance(value, int) and value > high
+        if too_large or (allowed is None and high != INT_LIMIT):
+            allowed = f"an integer in {low}..{high}"
+        _fail(name, value, ("null or " if nullable else "") + (allowed or f"an integer >= {low}"))
 
 
-def validate(cfg) -> Rule:
-    """Checks that need more than a type; returns the rule. Raises :class:`ConfigError`."""
-    check_schema(cfg)
-    for name in ("episodes", "M", "K", "Q", "trials", "batch"):
-        _positive(f"meta.{name}", getattr(cfg.meta, name))
-    if cfg.meta.first_trial < 0:
-        _fail("meta.first_trial", cfg.meta.first_trial, "an integer >= 0")
-    _positive("meta.max_diverged", cfg.meta.max_diverged)
-    if cfg.meta.truncate is not None:
-        _positive("meta.truncate", cfg.meta.truncate, "null or an integer >= 1")
-    for name in ("meta.lr", "reg.lam", "model.beta", "rule.theta0_init", "rule.theta_init", "feedback.decay"):
-        if not math.isfinite(OmegaConf.select(cfg, name)):
-            _fail(name, OmegaConf.select(cfg, name), "a finite number")
-    for name in ("meta.lr", "feedback.lr", "model.init_lr"):
-        value = OmegaConf.select(cfg, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            _fail(
-                name, value, "a positive learning rate" + (" or null (meta.lr)" if name != "meta.lr" else "")
-            )
-    for name in ("reg.lam", "feedback.lam", "model.init_lam"):
-        value = OmegaConf.select(cfg, name)
-        if not (math.isfinite(value) and value >= 0):
-            _fail(name, value, "a non-negative number (λ >= 0)")
-    if cfg.model.beta <= 0:
-        _fail("model.beta", cfg.model.beta, "a positive number")
-    if _value(cfg.model.init) == "normal" and not (cfg.model.init_std is not None and cfg.model.init_std > 0):
-        _fail("model.init_std", cfg.model.init_std, "a standard deviation > 0 for model.init=normal")
-    if not 0 < cfg.meta.backtrack < 1:
-        _fail("meta.backtrack", cfg.meta.backtrack, "a number in (0, 1)")
-    if _value(cfg.meta.sampling) == "authors" and cfg.model.remap_labels:
-        allowed = "fresh with model.remap_labels=true (the authors' tasks can repeat a class)"
-        _fail("meta.sampling", "authors", allowed)
-    if cfg.trainer.accelerator not in ACCELERATORS:
-        _fail("trainer.accelerator", cfg.trainer.accelerator, ", ".join(ACCELERATORS))
-    if str(cfg.trainer.precision) not in PRECISIONS:
-        _fail("trainer.precision", cfg.trainer.precision, ", ".join(PRECISIONS))
-    if not cfg.objective.survive_threshold >= 0:
-        _fail("objective.survive_threshold", cfg.objective.survive_threshold, "a number >= 0")
-    if cfg.objective.max_terms is not None and cfg.objective.max_terms < 0:
-        _fail("objective.max_terms", cfg.objective.max_terms, "null or an integer >= 0")
-    if cfg.objective.last < 1:
-        _fail("objective.last", cfg.objective.last, "an integer >= 1 (episodes averaged per trial)")
-    _positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every)
-    if cfg.trainer.recompute_segment < 0:
-        _fail(
-            "trainer.recompute_segment", cfg.trainer.recompute_segment, "0 (keep every W) or an integer >= 1"
-        )
+def _positive(name: str, value, allowed: str | None = None) -> None:
+    _integer(name, value, 1, allowed=allowed)
+
+
+def _real(name: str, value, nullable: bool = False) -> None:
+    """``value`` a finite number that float32 can hold (|x| <= 3.4e38); not NaN, not ±inf."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, value, "a finite number")
+    if not math.isfinite(value):
+        _fail(name, value, "a finite number")
+    if abs(value) > FLOAT_LIMIT:
+        _fail(name, value, f"a finite number within float32's range (|x| <= {FLOAT_LIMIT:.4g})")
+
+
+def check_seed(name: str, value) -> None:
+    """Seeds are 32-bit: an integer in [0, 2^32)."""
+    _integer(name, value, 0, SEED_LIMIT - 1)
+
+
+def resolve_all(cfg) -> None:
+    """Resolve every interpolation (``${...}``) up front; one that fails names its key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"{key}: {reason}; allowed: a value, or an interpolation that resolves (e.g. ${{meta.M}})"
+        ) from None
+
+
+def check_model(model) -> list[int]:
+    """Checks of ``model.*`` (training and online evaluation); returns the hidden widths."""
+    hidden = hidden_sizes(model)
+    _real("model.beta", model.beta)
+    if model.beta <= 0:
+        _fail("model.beta", model.beta, "a positive number")
+    _real("model.init_std", model.init_std, nullable=True)
+    if model.init_std is not None and model.init_std <= 0:
+        _fail("model.init_std", model.init_std, "null or a standard deviation > 0")
+    if _value(model.init) == "normal" and model.init_std is None:
+        _fail("model.init_std", model.init_std, "a standard deviation > 0 for model.init=normal")
+    _learning_rate("model.init_lr", model.init_lr)
+    _penalty("model.init_lam", model.init_lam)
+    return hidden
+
+
+def check_rule(cfg) -> Rule:
+    """Checks of ``rule.*`` (training and online evaluation); returns the rule."""
+    for name in ("rule.theta0_init", "rule.theta_init"):
+        _real(name, OmegaConf.select(cfg, name))
     term_scale = cfg.rule.term_scale
     term_scale = OmegaConf.to_container(term_scale) if OmegaConf.is_config(term_scale) else term_scale
     try:
         check_term_scale(term_scale)
     except ValueError as error:
         raise ConfigError(f"rule.term_scale={error}") from None
-    rule = build_rule(cfg)
+    if isinstance(term_scale, dict):
+        for key, value in term_scale.items():
+            _real(f"rule.term_scale.{key}", value)
+    return build_rule(cfg)
+
+
+def check_feedback(feedback) -> None:
+    """Checks of ``feedback.*`` that need no rule (training and online evaluation)."""
+    _real("feedback.decay", feedback.decay)
+    if not 0 <= feedback.decay <= 1:
+        _fail("feedback.decay", feedback.decay, "a number in [0, 1] (κ of W <- W + ΔW - κW)")
+    _learning_rate("feedback.lr", feedback.lr)
+    _penalty("feedback.lam", feedback.lam)
+    for index, value in enumerate(feedback.psi_init or []):
+        _real(f"feedback.psi_init[{index}]", value)
+
+
+def check_dataset(dataset) -> None:
+    """Checks of ``dataset.*`` that need no data (the data's own checks: metaplast.data)."""
+    from metaplast.data.datasets import LOADERS, SPLITS
+
+    if dataset.name not in LOADERS:
+        _fail("dataset.name", dataset.name, ", ".join(LOADERS))
+    if dataset.split not in SPLITS:
+        _fail("dataset.split", dataset.split, ", ".join(SPLITS))
+    if dataset.root is not None and not str(dataset.root).strip():
+        _fail(
+            "dataset.root", dataset.root, "null ($METAPLAST_DATA or ~/.cache/metaplast/data) or a directory"
+        )
+    check_seed("dataset.seed", dataset.seed)
+    _positive("dataset.per_class", dataset.per_class)
+
+
+def _learning_rate(name: str, value) -> None:
+    if value is None and name != "meta.lr":
+        return
+    _real(name, value)
+    if not value > 0:
+        _fail(name, value, "a positive learning rate" + (" or null (meta.lr)" if name != "meta.lr" else ""))
+
+
+def _penalty(name: str, value) -> None:
+    _real(name, value)
+    if not value >= 0:
+        _fail(name, value, "a non-negative number (λ >= 0)")
+
+
+def check_accelerator(accelerator: str, devices: int) -> None:
+    """An accelerator this machine has, and one device (a run's trials are batched on one device)."""
+    import torch
+
+    if accelerator not in ACCELERATORS:
+        _fail("trainer.accelerator", accelerator, ", ".join(ACCELERATORS))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        _fail(
+            "trainer.accelerator",
+            accelerator,
+            "auto or cpu on this machine (no CUDA GPU is visible: torch.cuda.is_available() is False)",
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        _fail("trainer.accelerator", accelerator, "auto or cpu on this machine (no Apple MPS device)")
+    if devices != 1:
+        _fail(
+            "trainer.devices",
+            devices,
+            "1 (a run's trials are batched on one device; more devices would start one process per "
+            "device, each running the same trials and writing the same files; run more jobs instead)",
+        )
+
+
+def check_logger(logger) -> None:
+    """W&B's own limits, checked before any work: project and entity names, group, tags, mode."""
+    for name in ("project", "entity"):
+        value = getattr(logger, name)
+        if value is None and name == "entity":
+            continue
+        bad = sorted({c for c in str(value) if c in WANDB_FORBIDDEN or c.isspace() and c != " "})
+        if value is None or not str(value).strip() or len(str(value)) > WANDB_NAME_LIMIT or bad:
+            _fail(
+                f"logger.{name}",
+                value,
+                f"1 to {WANDB_NAME_LIMIT} characters, none of {' '.join(WANDB_FORBIDDEN)}"
+                + (" or null" if name == "entity" else ""),
+            )
+    for name in ("group", "name"):
+        value = getattr(logger, name)
+        if value is not None and (not str(value).strip() or len(str(value)) > WANDB_NAME_LIMIT):
+            _fail(f"logger.{name}", value, f"null or 1 to {WANDB_NAME_LIMIT} characters")
+    for tag in logger.tags:
+        if not str(tag).strip() or len(str(tag)) > WANDB_TAG_LIMIT:
+            _fail("logger.tags", list(logger.tags), f"tags of 1 to {WANDB_TAG_LIMIT} characters each")
+    if logger.wandb and _value(logger.mode) == "online":
+        from metaplast.run.tracking import has_wandb_key
+
+        if not has_wandb_key():
+            _fail(
+                "logger.mode",
+                "online",
+                "auto, offline or disabled without a W&B API key (set WANDB_API_KEY or run `wandb login`)",
+            )
+
+
+def validate(cfg) -> Rule:
+    """Checks that need more than a type; returns the rule. Raises :class:`ConfigError`."""
+    resolve_all(cfg)
+    check_schema(cfg)
+    for name in ("episodes", "M", "K", "Q", "trials", "batch"):
+        _positive(f"meta.{name}", getattr(cfg.meta, name))
+    _integer("meta.first_trial", cfg.meta.first_trial, 0)
+    _positive("meta.max_diverged", cfg.meta.max_diverged)
+    if cfg.meta.truncate is not None:
+        _integer("meta.truncate", cfg.meta.truncate, 1, nullable=True)
+    check_seed("seed", cfg.seed)
+    for name in ("meta.lr", "reg.lam", "meta.backtrack"):
+        _real(name, OmegaConf.select(cfg, name))
+    _learning_rate("meta.lr", cfg.meta.lr)
+    _penalty("reg.lam", cfg.reg.lam)
+    check_model(cfg.model)
+    check_feedback(cfg.feedback)
+    check_dataset(cfg.dataset)
+    if not 0 < cfg.meta.backtrack < 1:
+        _fail("meta.backtrack", cfg.meta.backtrack, "a number in (0, 1)")
+    if _value(cfg.meta.sampling) == "authors" and cfg.model.remap_labels:
+        allowed = "fresh with model.remap_labels=true (the authors' tasks can repeat a class)"
+        _fail("meta.sampling", "authors", allowed)
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        _fail("trainer.precision", cfg.trainer.precision, ", ".join(PRECISIONS))
+    _real("objective.survive_threshold", cfg.objective.survive_threshold)
+    if not cfg.objective.survive_threshold >= 0:
+        _fail("objective.survive_threshold", cfg.objective.survive_threshold, "a number >= 0")
+    _integer("objective.max_terms", cfg.objective.max_terms, 0, nullable=True)
+    _positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every)
+    if not isinstance(cfg.trainer.recompute_segment, int) or not (
+        0 <= cfg.trainer.recompute_segment <= INT_LIMIT
+    ):
+        _fail(
+            "trainer.recompute_segment", cfg.trainer.recompute_segment, "0 (keep every W) or an integer >= 1"
+        )
+    if cfg.ckpt_path is not None and not str(cfg.ckpt_path).strip():
+        _fail(
+            "ckpt_path", cfg.ckpt_path, "null (start afresh or auto-resume) or the path of a checkpoint file"
+        )
+    check_logger(cfg.logger)
+    rule = check_rule(cfg)
     depth = len(rule.layer_terms)
     bad = [i for i in cfg.model.learn_init or [] if not 0 <= i < depth]
-    if bad:
-        _fail("model.learn_init", list(cfg.model.learn_init), f"null or layer indices 0..{depth - 1}")
+    if bad or len(set(cfg.model.learn_init or [])) != len(cfg.model.learn_init or []):
+        _fail(
+            "model.learn_init", list(cfg.model.learn_init), f"null or distinct layer indices 0..{depth - 1}"
+        )
     kind = _value(cfg.feedback.kind)
     pathway = PATHWAYS[kind]
     if cfg.feedback.learn and not pathway.has_matrices:
@@ -328,4 +506,63 @@ def validate(cfg) -> Rule:
         _fail(
             "meta.gradient", "fused", "auto or autograd for this learner (the fused path does not cover it)"
         )
+    check_memory(cfg, rule)
     return rule
+
+
+def run_device(accelerator: str) -> str:
+    """The device a run with ``trainer.accelerator`` uses: ``cuda`` or ``cpu`` (mps: counted as cpu)."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def check_memory(cfg, rule: Rule | None = None, input_dim: int = 1, output_dim: int = 1) -> None:
+    """Refuse a config whose episode cannot fit in the memory of its device, naming the sizes.
+
+    Before the data is loaded the input and output widths count as 1 (a lower bound still);
+    :func:`metaplast.run.train.build_module` checks again with the data's.
+    """
+    from metaplast.run.memory import TooLarge, check_fits, episode_estimate
+
+    check_data_memory(cfg.dataset, run_device(cfg.trainer.accelerator))
+    meta = cfg.meta
+    sizes = [input_dim, *hidden_sizes(cfg.model), output_dim]
+    steps = math.ceil(meta.M * meta.K / meta.batch)
+    precision = str(cfg.trainer.precision)
+    element = 8 if precision.startswith("64") else 4
+    estimator = "autograd" if _value(meta.gradient) == "autograd" or meta.truncate else "auto"
+    estimate = episode_estimate(
+        sizes, meta.trials, steps, meta.M * meta.Q, estimator, cfg.trainer.recompute_segment, element
+    )
+    try:
+        check_fits(
+            estimate,
+            run_device(cfg.trainer.accelerator),
+            "an episode",
+            "fewer meta.trials, narrower or fewer layers (model.hidden), smaller meta.M/meta.K, "
+            "or trainer.recompute_segment=16",
+        )
+    except TooLarge as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_data_memory(dataset, device: str = "cpu", splits: int = 1) -> None:
+    """The generated glyphs (47 x ``dataset.per_class`` images of 28 x 28, as bytes and as float32)
+    must fit in memory (on the CPU, where they are made)."""
+    from metaplast.data.glyphs import GLYPH_CLASSES, IMAGE_SIZE
+    from metaplast.run.memory import Estimate, TooLarge, check_fits
+
+    if dataset.name != "glyphs":
+        return
+    images = len(GLYPH_CLASSES) * dataset.per_class * splits
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    estimate = Estimate(
+        images * pixels * 5, f"{images:,} glyph images of {pixels} pixels x 5 bytes (uint8 and float32)"
+    )
+    try:
+        check_fits(estimate, "cpu", f"dataset.per_class={dataset.per_class}", "a smaller dataset.per_class")
+    except TooLarge as error:
+        raise ConfigError(str(error)) from None

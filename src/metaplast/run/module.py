@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
 from metaplast.core.inner_loop import inner_loop
 from metaplast.core.meta import MetaParameters, regulariser
 from metaplast.core.metrics import episode_metrics
 from metaplast.data import LabelledImages, TaskSampler, stack_tasks, stream_seed, trial_generators
-from metaplast.run.config import Config, build_learner, build_rule, theta_init_row
-from metaplast.run.tracking import EpisodeCSV, episode_record, flag_diverged, logged_scalars
+from metaplast.run.config import Config, build_learner, build_rule, hidden_sizes, theta_init_row
+from metaplast.run.tracking import RESULTS, EpisodeCSV, episode_record, flag_diverged, logged_scalars
 from metaplast.safety import CheckpointError, DivergenceError
 
+log = logging.getLogger("metaplast")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*that ended before the epoch ended.*")
 
@@ -76,7 +80,10 @@ class MetaPlasticity(L.LightningModule):
             )
             for t in self.trial_ids
         ]
-        self.csv = EpisodeCSV(csv_path) if csv_path else None
+        # The episode table: kept as numbers for checkpoints, written to metrics.csv when csv_path.
+        self.table = EpisodeCSV(csv_path)
+        self.csv = self.table if csv_path else None
+        self._saved_table = None  # the record of the checkpoint a resumed run starts from
         self.diverged_streak = [0] * meta.trials  # consecutive diverged episodes of each trial
         # The meta-parameters of each trial's last finite episode (the target of a backtracking
         # step); before any, zeros: Θ = 0 is the rule that changes nothing, always finite.
@@ -108,8 +115,22 @@ class MetaPlasticity(L.LightningModule):
         return torch.optim.Adam(groups, lr=lr)
 
     def on_train_start(self):
-        if self.csv is not None:
-            self.csv.truncate_from(self.global_step)
+        """A resumed run rewrites metrics.csv from its checkpoint's record (a damaged file is rebuilt);
+        a fresh run starts a new file."""
+        if self._saved_table is not None:
+            problem = self.table.restore(self._saved_table, self.global_step)
+            if problem and self.csv is not None:
+                log.warning(
+                    "%s: %s; rebuilt from the checkpoint's own record (episodes 0..%d)",
+                    self.csv.path,
+                    problem,
+                    self.global_step - 1,
+                )
+        elif self.csv is not None:
+            if self.global_step == 0:
+                self.csv.path.unlink(missing_ok=True)
+            else:  # a checkpoint without a record (older metaplast): keep the file's earlier rows
+                self.csv.truncate_from(self.global_step)
 
     def regularisation(self) -> torch.Tensor:
         """λ R(Θ) (Eq. 6, Eq. S.16) plus the regularisers of the other meta-parameter groups, per trial."""
@@ -228,11 +249,11 @@ class MetaPlasticity(L.LightningModule):
         if "meta/acc" in record and not diverged.all():
             acc = record["meta/acc"][~diverged].mean().item()
             self.log("acc", acc, prog_bar=True, logger=False, batch_size=1)
-        if self.csv is not None:
-            self.csv.append(episode, self.trial_ids, record)
+        self.table.append(episode, self.trial_ids, record)
         limit = self.cfg.meta.max_diverged
         for index, (trial, streak) in enumerate(zip(self.trial_ids, self.diverged_streak)):
             if streak >= limit:
+                self._log_last_episode(logged_scalars(record, self.trial_ids), trial, episode)
                 if self.anchored[index]:
                     where, row = (
                         "its Θ in its last finite episode",
@@ -247,6 +268,19 @@ class MetaPlasticity(L.LightningModule):
                     f"(meta.max_diverged={limit}); {where}: {theta}"
                 )
 
+    def _log_last_episode(self, scalars: dict[str, float], trial: int, episode: int) -> None:
+        """Before a divergence stops the run: send the episode to the loggers now (Lightning would
+        after this hook, which the stop skips), and leave no stale result in the W&B summary."""
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=step)
+            if isinstance(logger, WandbLogger):
+                summary = logger.experiment.summary
+                for key in list(summary.keys()):
+                    if key.startswith(RESULTS) and key not in scalars:
+                        del summary[key]  # a result of an earlier episode, not of the last one
+                summary.update({"stopped/diverged_trial": trial, "stopped/episode": episode})
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["metaplast_streams"] = {
             "init": [g.get_state() for g in self.init_generators],
@@ -259,6 +293,7 @@ class MetaPlasticity(L.LightningModule):
         }
         if self.term_scale is not None:
             checkpoint["metaplast_term_scale"] = self.term_scale.tolist()
+        checkpoint["metaplast_metrics"] = self.table.state_dict()  # rebuilds metrics.csv on resume
 
     def on_load_checkpoint(self, checkpoint):
         streams = checkpoint["metaplast_streams"]
@@ -267,6 +302,7 @@ class MetaPlasticity(L.LightningModule):
         for sampler, state in zip(self.samplers, streams["tasks"]):
             sampler.load_state_dict(state)
         self.diverged_streak = list(checkpoint.get("metaplast_diverged_streak", self.diverged_streak))
+        self._saved_table = checkpoint.get("metaplast_metrics")
         if "metaplast_backtrack" in checkpoint:
             self.anchor = [a.clone() for a in checkpoint["metaplast_backtrack"]["anchor"]]
             self.anchored = checkpoint["metaplast_backtrack"]["anchored"].clone()
@@ -284,3 +320,139 @@ def record_theta(record: dict[str, torch.Tensor], index: int) -> torch.Tensor:
     return torch.stack(
         [value[index] for key, value in record.items() if key.count("/") == 1 and key.startswith("theta/")]
     )
+
+
+#: Settings a checkpoint must share with the run that resumes from it: they fix the shapes of the
+#: meta-parameters, the task and weight streams and the network (the others, e.g. meta.episodes,
+#: meta.lr or the logger, may change on resume).
+MUST_MATCH = (
+    "seed",
+    "dataset.name",
+    "dataset.split",
+    "dataset.per_class",
+    "dataset.seed",
+    "meta.trials",
+    "meta.first_trial",
+    "meta.M",
+    "meta.K",
+    "meta.Q",
+    "meta.batch",
+    "meta.sampling",
+    "model.activation",
+    "model.bias",
+    "model.loss",
+    "model.remap_labels",
+    "model.learn_init",
+    "rule.share",
+    "feedback.kind",
+    "feedback.learn",
+    "trainer.precision",
+)
+
+
+PRECISION_NAMES = {"32": "32-true", "64": "64-true"}
+
+
+def _select(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def check_checkpoint(module: MetaPlasticity, checkpoint: dict, path, episodes: int) -> None:
+    """Refuse a checkpoint this run cannot continue from, naming what differs (CheckpointError).
+
+    Its structure (what Lightning and the module restore), its settings against the run's
+    (:data:`MUST_MATCH`, the network's sizes and the rule's terms), the shapes of its tensors
+    against the module's, finite values, and its episode against ``meta.episodes``.
+    """
+    from metaplast.safety import non_finite_tensors
+
+    def refuse(problem: str, allowed: str) -> None:
+        raise CheckpointError(f"checkpoint {path}: {problem}; allowed: {allowed}")
+
+    need = {"state_dict": dict, "optimizer_states": list, "global_step": int, "loops": dict}
+    need["metaplast_streams"] = dict
+    for key, kind in need.items():
+        if not isinstance(checkpoint.get(key), kind):
+            refuse(
+                f"{key} is {'missing' if key not in checkpoint else type(checkpoint[key]).__name__}",
+                "a checkpoint written by metaplast-train (checkpoints/*.ckpt)",
+            )
+    step = checkpoint["global_step"]
+    if not 0 <= step <= episodes:
+        refuse(f"it is at episode {step}, past meta.episodes={episodes}", f"meta.episodes >= {step}")
+    cfg = OmegaConf.to_container(OmegaConf.structured(module.cfg), enum_to_str=True)
+    saved = checkpoint.get("hyper_parameters")
+    if isinstance(saved, dict):
+        for key in MUST_MATCH:
+            then, now = _select(saved, key), _select(cfg, key)
+            if key == "trainer.precision":
+                then, now = (PRECISION_NAMES.get(str(v), v) for v in (then, now))
+            if then is not _MISSING and then != now:
+                refuse(f"it was made with {key}={then!r}, this run has {key}={now!r}", f"{key}={then!r}")
+        try:
+            then_sizes = hidden_sizes(OmegaConf.create(saved["model"]))
+            then_rule = build_rule(OmegaConf.create(saved))
+        except (KeyError, TypeError, ValueError, OmegaConfBaseException):
+            then_sizes = then_rule = None
+        if then_sizes is not None and then_sizes != hidden_sizes(module.cfg.model):
+            now = hidden_sizes(module.cfg.model)
+            refuse(
+                f"its network has hidden widths {then_sizes}, this run's {now}", f"model.hidden={then_sizes}"
+            )
+        if then_rule is not None and then_rule != module.rule:
+            refuse(
+                f"it was made with the rule {then_rule.label} (terms per layer "
+                f"{list(then_rule.layer_terms)}), this run's is {module.rule.label}",
+                "the checkpoint's rule.terms/rule.per_layer",
+            )
+    state, own = checkpoint["state_dict"], module.state_dict()
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        refuse(
+            f"its state_dict lacks {missing} and has {extra} beyond this run's", "a checkpoint of this run"
+        )
+    for key, value in state.items():
+        if not torch.is_tensor(value) or value.shape != own[key].shape:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            refuse(
+                f"{key} has shape {shape}, this run's {tuple(own[key].shape)} "
+                f"(meta.trials={module.cfg.meta.trials}, {len(module.rule.terms)} rule terms)",
+                "a checkpoint of the same trials, rule and network",
+            )
+    bad = non_finite_tensors(state) + non_finite_tensors(
+        checkpoint.get("metaplast_backtrack", {}), "backtrack"
+    )
+    if bad:
+        refuse(f"{', '.join(bad[:3])} hold NaN or infinite values", "finite meta-parameters (Θ)")
+    streams = checkpoint["metaplast_streams"]
+    trials = module.cfg.meta.trials
+    for name in ("init", "tasks"):
+        if not isinstance(streams.get(name), list) or len(streams[name]) != trials:
+            refuse(f"its random streams ({name}) are not one per trial", f"{trials} per stream")
+    optimizers = checkpoint["optimizer_states"]
+    groups = module.configure_optimizers().param_groups
+    if len(optimizers) != 1 or not isinstance(optimizers[0], dict):
+        refuse(f"it holds {len(optimizers)} optimizer states", "one (Adam's)")
+    saved_groups = optimizers[0].get("param_groups")
+    if not isinstance(saved_groups, list) or [len(g.get("params", [])) for g in saved_groups] != [
+        len(g["params"]) for g in groups
+    ]:
+        refuse("its Adam parameter groups differ from this run's meta-parameters", "a checkpoint of this run")
+    params = [p for group in groups for p in group["params"]]
+    for index, moments in (optimizers[0].get("state") or {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(moments, dict):
+            refuse(f"its Adam state has an entry {index!r}", "a checkpoint of this run")
+        for name, moment in moments.items():
+            if torch.is_tensor(moment) and moment.dim() and moment.shape != params[index].shape:
+                refuse(
+                    f"its Adam {name} of parameter {index} has shape {tuple(moment.shape)}",
+                    "this run's shapes",
+                )

@@ -18,12 +18,23 @@ from metaplast.core.meta import fixed_scales
 from metaplast.data import DataError
 from metaplast.run import resume
 from metaplast.run.calibration import calibrate
-from metaplast.run.callbacks import FinalResult, SaveOnSigterm
-from metaplast.run.config import ConfigError, build_learner, register, theta_init_row, typed, validate
+from metaplast.run.callbacks import FinalResult, SaveFinal, SaveOnSigterm
+from metaplast.run.cli import console, fail, traceback_wanted
+from metaplast.run.config import (
+    WANDB_NAME_LIMIT,
+    ConfigError,
+    build_learner,
+    build_rule,
+    check_memory,
+    register,
+    theta_init_row,
+    typed,
+    validate,
+)
 from metaplast.run.data import load_data
-from metaplast.run.module import MetaPlasticity
+from metaplast.run.module import MetaPlasticity, check_checkpoint
 from metaplast.run.tracking import wandb_mode
-from metaplast.safety import CheckpointError, DivergenceError, SafeCheckpointIO, load_checkpoint
+from metaplast.safety import CheckpointError, DirectoryLock, SafeCheckpointIO, load_checkpoint
 
 log = logging.getLogger("metaplast")
 register()
@@ -64,11 +75,14 @@ def build_module(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -
     config = typed(cfg)
     data = load_data(config)
     output = config.meta.M if config.model.remap_labels else data.num_classes
+    check_memory(cfg, rule, data.images.shape[1], output)  # again, with the data's widths
     try:
         scales = term_scales(config, rule, data, output, ckpt_path)
         csv_path = str(run_dir / "metrics.csv") if config.logger.csv else None
         return MetaPlasticity(config, data, scales, csv_path)
     except ValueError as error:  # the task sampler's checks of M, K and Q against the data
+        if isinstance(error, (ConfigError, CheckpointError, DataError)):
+            raise
         raise ConfigError(f"meta.{error} (dataset {config.dataset.name!r})") from None
 
 
@@ -86,7 +100,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.logger.group or resume.sweep_name(),
-        name=name,
+        name=name[:WANDB_NAME_LIMIT] if name else name,
         tags=[*cfg.logger.tags, *run_tags(cfg)],
         id=wandb_id,
         resume="allow" if wandb_id else None,
@@ -98,23 +112,39 @@ def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
 
 def run_tags(cfg: DictConfig) -> list[str]:
     """W&B tags naming the rule, feedback, regulariser and dataset."""
-    tags = [f"rule:{validate(cfg).label}", f"feedback:{cfg.feedback.kind.value}"]
+    tags = [f"rule:{build_rule(cfg).label}", f"feedback:{cfg.feedback.kind.value}"]
     tags += [f"reg:{cfg.reg.kind.value}", f"dataset:{cfg.dataset.name}"]
     return [tag[:64] for tag in tags]  # W&B's limit
 
 
 def run(
-    cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None, wandb_id: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    ckpt_path: str | None = None,
+    wandb_id: str | None = None,
+    on_checkpoint=None,
 ) -> MetaPlasticity:
     """Meta-train as configured; results, checkpoints and W&B files go under ``run_dir``.
 
-    On SIGTERM the current episode ends, is saved as ``checkpoints/last.ckpt`` and
-    :class:`SIGTERMException` is raised; a finished run writes ``result.json``.
+    ``run_dir`` is locked while the run writes into it (a second run there is refused). A
+    checkpoint to resume from is checked against the config first. On SIGTERM the current
+    episode ends, is saved as ``checkpoints/last.ckpt`` and :class:`SIGTERMException` is
+    raised; a finished run saves its final state as ``checkpoints/last.ckpt`` (whatever
+    ``trainer.checkpoint_every``), then writes ``result.json``. ``on_checkpoint(path)`` is
+    called whenever a checkpoint is complete on disk.
     """
+    validate(cfg)  # before anything uses a value (the seed, first)
+    with DirectoryLock(run_dir, "output directory (hydra.run.dir)"):
+        return _run(cfg, Path(run_dir), ckpt_path or cfg.ckpt_path, wandb_id, on_checkpoint)
+
+
+def _run(cfg, run_dir: Path, ckpt_path, wandb_id, on_checkpoint) -> MetaPlasticity:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt_path = ckpt_path or cfg.ckpt_path
     module = build_module(cfg, run_dir, ckpt_path)
+    if ckpt_path:
+        check_checkpoint(module, load_checkpoint(ckpt_path), ckpt_path, cfg.meta.episodes)
     precision = {"32": "32-true", "64": "64-true"}.get(str(cfg.trainer.precision), cfg.trainer.precision)
+    last = run_dir / "checkpoints" / "last.ckpt"
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="episode-{step}",
@@ -134,10 +164,11 @@ def run(
         logger=logger,
         callbacks=[
             checkpoints,
-            SaveOnSigterm(run_dir / "checkpoints" / "last.ckpt"),
+            SaveOnSigterm(last),
+            SaveFinal(last),  # before FinalResult: result.json marks a run whose last.ckpt is final
             FinalResult(run_dir, cfg.objective.survive_threshold, cfg.objective.max_terms),
         ],
-        plugins=[SafeCheckpointIO()],  # atomic fsync'd saves, weights_only=True loads
+        plugins=[SafeCheckpointIO(on_checkpoint)],  # atomic fsync'd saves, weights_only=True loads
         log_every_n_steps=1,
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
@@ -160,39 +191,56 @@ def launch(cfg: DictConfig, run_dir: Path) -> float:
     """Run the job; with ``resume=true`` continue or skip an earlier run of the same job.
 
     Earlier runs are found by the hash of the job's config in ``.metaplast/jobs/`` under the
-    launch directory (see :func:`metaplast.sweep.claim`). Returns the job's objective.
+    launch directory (:mod:`metaplast.run.resume`); the entry points at ``run_dir`` once it
+    holds a checkpoint. Returns the job's objective.
     """
-    state, path, wandb_id = "new", None, None
-    if cfg.resume and cfg.ckpt_path is None:
-        index = Path(HydraConfig.get().runtime.cwd) / ".metaplast" / "jobs"
-        state, path, wandb_id = resume.claim(resume.job_key(cfg), run_dir, index)
-    if state == "finished":
-        objective = cfg.objective
-        result = rescore(json.loads(path.read_text()), objective.survive_threshold, objective.max_terms)
-        write_json(path, result)
-        log.info("skipped: this job already finished (resume=false runs it again); results in %s", run_dir)
-        return result["objective"]
-    (run_dir / RESULT).unlink(missing_ok=True)
-    try:
-        run(cfg, run_dir, ckpt_path=str(path) if path else None, wandb_id=wandb_id)
-    except SIGTERMException:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        message = f"stopped by SIGTERM; saved {last}; the same command resumes from it"
-        log.error("%s", message)
-        print(f"metaplast: {message}", file=sys.stderr)
-        raise SystemExit(143) from None
-    return json.loads((run_dir / RESULT).read_text())["objective"]
+    validate(cfg)
+    with DirectoryLock(run_dir, "output directory (hydra.run.dir)"):
+        state, path, wandb_id, on_checkpoint = "new", None, None, None
+        if cfg.resume and cfg.ckpt_path is None:
+            index = Path(HydraConfig.get().runtime.cwd) / ".metaplast" / "jobs"
+            key = resume.job_key(cfg)
+            state, path, wandb_id = resume.claim(key, run_dir, index)
+
+            def on_checkpoint(saved: Path, key=key, index=index, wandb_id=wandb_id) -> None:
+                resume.record(key, run_dir, index, wandb_id)
+
+        if state == "finished":
+            objective = cfg.objective
+            result = rescore(json.loads(path.read_text()), objective.survive_threshold, objective.max_terms)
+            write_json(path, result)
+            done = "skipped: this job already finished (resume=false runs it again); results in %s"
+            log.info(done, run_dir)
+            return result["objective"]
+        (run_dir / RESULT).unlink(missing_ok=True)
+        try:
+            run(cfg, run_dir, str(path) if path else None, wandb_id, on_checkpoint)
+        except SIGTERMException:
+            last = run_dir / "checkpoints" / "last.ckpt"
+            message = f"stopped by SIGTERM; saved {last}; the same command resumes from it"
+            log.error("%s", message)
+            print(f"metaplast: {message}", file=sys.stderr)
+            raise SystemExit(143) from None
+        return json.loads((run_dir / RESULT).read_text())["objective"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Returns the objective (final meta-accuracy, see ``objective.max_terms``) for the optuna sweeper."""
+def hydra_main(cfg: DictConfig) -> float:
+    """Returns the objective (final meta-accuracy, see ``objective.max_terms``) for the optuna sweeper.
+
+    Every failure is one line with exit code 2 (3: divergence), unless ``verbose=true`` or
+    ``HYDRA_FULL_ERROR=1`` asks for the traceback (:mod:`metaplast.run.cli`).
+    """
     try:
         return launch(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError, CheckpointError, DivergenceError) as error:
-        log.error("%s", error)
-        print(f"metaplast: error: {error}", file=sys.stderr)
-        raise SystemExit(3 if isinstance(error, DivergenceError) else 2) from None
+    except Exception as error:
+        if traceback_wanted(cfg):
+            raise
+        fail(error)
+
+
+#: The ``metaplast-train`` console script.
+main = console(hydra_main)
 
 
 if __name__ == "__main__":
