@@ -474,6 +474,7 @@ def validate(cfg) -> Rule:
     if not cfg.objective.survive_threshold >= 0:
         _fail("objective.survive_threshold", cfg.objective.survive_threshold, "a number >= 0")
     _integer("objective.max_terms", cfg.objective.max_terms, 0, nullable=True)
+    _integer("objective.last", cfg.objective.last, 1, allowed="an integer >= 1 (episodes averaged per trial)")
     _positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every)
     if not isinstance(cfg.trainer.recompute_segment, int) or not (
         0 <= cfg.trainer.recompute_segment <= INT_LIMIT
