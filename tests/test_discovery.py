@@ -29,6 +29,12 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 HAND_PICKED = {3: 10, 4: 3, 5: 45, 6: 5, 7: 5, 8: 5, 9: 25}
 
 
+def literal_terms(W, y_pre, y_post, e_pre, e_post):
+    """F^0..F^9 of the literal formulation (metaplast.reference) and FLP's F^10, written out."""
+    flp = torch.outer(y_post, y_pre) - torch.diag(y_post**2) @ W  # y y_pre^T - diag(y²) W
+    return [*reference.dense_terms(W, y_pre, y_post, e_pre, e_post), flp]
+
+
 def test_term_norms_equal_the_norms_of_the_literal_dense_terms():
     g = torch.Generator().manual_seed(0)
     T, n, m = 3, 6, 5
@@ -38,7 +44,7 @@ def test_term_norms_equal_the_norms_of_the_literal_dense_terms():
     z_post = y_pre @ W.transpose(1, 2)
     got = term_norms(W, LayerSignals(y_pre, y_post, e_pre, e_post, z_post, y_post @ W))
     for t in range(T):
-        dense = reference.dense_terms(W[t], y_pre[t, 0], y_post[t, 0], e_pre[t, 0], e_post[t, 0])
+        dense = literal_terms(W[t], y_pre[t, 0], y_post[t, 0], e_pre[t, 0], e_post[t, 0])
         expected = torch.stack([torch.linalg.matrix_norm(F) for F in dense])
         torch.testing.assert_close(got[t], expected, rtol=1e-12, atol=1e-12)
 
@@ -60,7 +66,7 @@ def literal_ratios(theta_row, rule, weights, feedback, kind, x, y):
             es[l - 1] = (B @ es[l]) * (1 - torch.exp(-BETA * hs[l - 1]))
         step = []
         for l in range(1, len(ws) + 1):
-            dense = reference.dense_terms(ws[l - 1], hs[l - 1], hs[l], es[l - 1], es[l])
+            dense = literal_terms(ws[l - 1], hs[l - 1], hs[l], es[l - 1], es[l])
             norms = torch.stack([torch.linalg.matrix_norm(F) for F in dense])
             step.append(norms / norms[0])
         ratios.append(torch.stack(step))
@@ -163,7 +169,7 @@ def test_automatic_scales_are_saved_and_a_resumed_run_keeps_them(make_cfg, tmp_p
     "value, message",
     [
         ("often", r"rule.term_scale='often' is not allowed; allowed: null \(plain Adam\), auto .*, measured"),
-        ("{12:3}", r"rule.term_scale=\{12: 3\}: 12 is not a term id; allowed: 0..9"),
+        ("{12:3}", r"rule.term_scale=\{12: 3\}: 12 is not a term id; allowed: 0..10"),
         ("{5:0}", r"rule.term_scale=\{5: 0\}: the scale must be a finite number > 0"),
         ("{5:-2}", r"the scale must be a finite number > 0"),
     ],

@@ -90,7 +90,7 @@ def run_cli_with_plugin(name, tmp_path, *overrides):
 
 @pytest.mark.parametrize("registered", ["term"], indirect=True)
 def test_a_new_term_is_its_formula_and_both_estimators_agree(registered):
-    learner = learner_for("fa", SIZES, [0, 10])
+    learner = learner_for("fa", SIZES, [0, 11])
     weights = init_weights(SIZES, generators(2))
     feedback = learner.pathway.init_feedback(SIZES, generators(2, seed=3))
     x, y, xq, yq = data()
@@ -102,7 +102,7 @@ def test_a_new_term_is_its_formula_and_both_estimators_agree(registered):
     for i, (w0, w1) in enumerate(zip(weights, after.weights)):
         for t in range(2):
             f0 = -torch.outer(es[i + 1][t, 0], ys[i][t, 0])
-            hebb = torch.outer(ys[i + 1][t, 0], ys[i][t, 0])  # F^10 = y_l y_{l-1}^T
+            hebb = torch.outer(ys[i + 1][t, 0], ys[i][t, 0])  # F^11 = y_l y_{l-1}^T
             torch.testing.assert_close(w1[t] - w0[t], theta[t, 0] * f0 + theta[t, 1] * hebb)
     grads = []
     for estimator in ("autograd", "fused"):
@@ -158,7 +158,7 @@ def test_a_new_meta_parameter_has_the_finite_difference_gradient(registered):
 @pytest.mark.parametrize(
     "name, overrides, columns",
     [
-        ("term", ["rule=custom", "rule.terms=[0,10]"], {"theta_0", "theta_10"}),
+        ("term", ["rule=custom", "rule.terms=[0,11]"], {"theta_0", "theta_11"}),
         ("pathway", ["feedback.kind=sign_concordant", "rule=bio"], {"theta_0", "theta_9", "angle_1"}),
         # bio's F^2 uses e_0: once θ_2 ≠ 0 (after episode 0) every gain, g_0 too, has a gradient
         ("meta_parameter", ["feedback.kind=gained_fa", "rule=bio"], {"gain_0", "gain_2", "theta_0"}),

@@ -222,9 +222,10 @@ def _backward_step(learner, state, outputs, theta, grads, x, y):
             if left is not None:  # W_{t+1} = ... + left^T right
                 results += [left, right]
                 grad_outputs += [right.detach() @ grad.transpose(1, 2), left.detach() @ grad]
-            if decay is not None:  # W_{t+1} = W_t (1 - decay) + ...
+            if decay is not None:  # W_{t+1} = W_t (1 - decay) + ..., decay (T, 1, 1) or per row (T, n, 1)
                 results.append(decay)
-                grad_outputs.append(-(grad * weight).sum((1, 2)).view_as(decay))
+                grad_decay = -(grad * weight).sum(2, keepdim=True)
+                grad_outputs.append(grad_decay.sum(1, keepdim=True) if decay.shape[1] == 1 else grad_decay)
         grad_theta, *_ = torch.autograd.grad(results, [leaf, *anchors], grad_outputs, allow_unused=True)
     for grad, sink, (_, _, decay) in zip(grads, sinks, factors):
         if decay is not None:

@@ -1,10 +1,11 @@
 """The plasticity terms F^0..F^9 (Methods, Eqs. 14-23), factorised, and the feedback terms of Eq. 9.
 
-Every forward term but the decay F^3 is a scaled outer product ``left^T right`` whose left
-vector is e_ℓ, y_ℓ or 1; so the whole update of one layer is the rank-3 product
-``e_ℓ a^T + y_ℓ b^T + 1 c^T - θ_3 W`` (summed over the batch dimension, 1 online), and no
-``(n × n)`` matrix is ever built. A term is one entry of :data:`TERMS`: which left vector it
-has and a function giving its right vector. A new term joins with one function and one line.
+Every forward term is a scaled outer product ``left^T right`` whose left vector is e_ℓ, y_ℓ or
+1, plus or instead a decay of W (scalar, as F^3, or one factor per row, as FLP's local rule); so
+the whole update of one layer is the rank-3 product ``e_ℓ a^T + y_ℓ b^T + 1 c^T - d ⊙ W``
+(summed over the batch dimension, 1 online), and no ``(n × n)`` matrix is ever built. A term is
+one entry of :data:`TERMS`: its left vector, functions giving its right vector and its decay. A
+new term joins with one function and one line.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ class LayerSignals(NamedTuple):
 
 @dataclass(frozen=True)
 class Term:
-    """``F = left^T right`` with ``left`` one of ``e`` (e_ℓ), ``y`` (y_ℓ), ``1``; or ``left = "W"``:
-    ``F = right · W`` with a scalar right (the decay F^3)."""
+    """``F = left^T right + decay ⊙ W``: ``left`` one of ``e`` (e_ℓ), ``y`` (y_ℓ), ``1`` (or None: no
+    outer product); ``decay(signals)`` a factor of W (or None), a number or ``(T, 1, 1)`` for all
+    of W, ``(T, n, 1)`` per row (per postsynaptic neuron)."""
 
-    left: str
-    right: Callable[[LayerSignals], Tensor]
+    left: str | None
+    right: Callable[[LayerSignals], Tensor] | None
     formula: str
     needs_wt_y: bool = False
+    decay: Callable[[LayerSignals], Tensor | float] | None = None
 
 
 def _y_w_e(s: LayerSignals) -> Tensor:
@@ -50,7 +53,7 @@ TERMS: dict[int, Term] = {
     0: Term("e", lambda s: -s.y_pre, "-e_l y_{l-1}^T"),
     1: Term("y", lambda s: -s.e_pre, "-y_l e_{l-1}^T"),
     2: Term("e", lambda s: -s.e_pre, "-e_l e_{l-1}^T"),
-    3: Term("W", lambda s: -1.0, "-W"),
+    3: Term(None, None, "-W", decay=lambda s: -1.0),
     4: Term("1", lambda s: -s.e_pre, "-1 e_{l-1}^T"),
     5: Term("e", lambda s: -s.y_post.sum(-1, keepdim=True) * s.y_pre, "-e_l 1^T y_l y_{l-1}^T"),
     6: Term("y", lambda s: -_y_w_e(s) * s.e_pre, "-y_l y_l^T W e_{l-1} e_{l-1}^T", needs_wt_y=True),
@@ -62,8 +65,18 @@ TERMS: dict[int, Term] = {
     ),
     9: Term("y", lambda s: s.y_pre - s.wt_y, "y_l y_{l-1}^T - y_l y_l^T W", needs_wt_y=True),
 }
-#: The paper's pool (the ids of :data:`TERMS` when it was written; a term added later is not in it).
-TERM_IDS = tuple(TERMS)
+#: The paper's pool F^0..F^9 (Eqs. 14-23); terms added to :data:`TERMS` later are not in it.
+TERM_IDS = tuple(range(10))
+
+#: FLP's local rule (Lindsey & Litwin-Kumar 2020), ``w ← w + α (a b - b² w)`` per synapse, with a
+#: the presynaptic activity and b the postsynaptic one (after feedback): ``F^10 = y_ℓ y_{ℓ-1}^T -
+#: diag(y_ℓ²) W`` (a per-neuron decay, unlike F^9's ``(y_ℓ y_ℓ^T) W``).
+TERMS[10] = Term(
+    "y",
+    lambda s: s.y_pre,
+    "y_l y_{l-1}^T - diag(y_l^2) W",
+    decay=lambda s: -s.y_post.pow(2).sum(1).unsqueeze(-1),
+)
 TERM_FORMULAS = {r: term.formula for r, term in TERMS.items()}  # the paper's; see :func:`formula`
 
 
@@ -90,15 +103,20 @@ def update_factors(
 
     ``theta (T, 10)`` holds every term's coefficient (zero where inactive); ``active`` lists the
     terms to compute. ``left (T, k, n)`` stacks ``e_ℓ, y_ℓ, 1`` (those with a non-zero right
-    vector), ``right (T, k, m)`` the sums of their terms' ``θ_r ·`` right vectors; ``decay (T, 1, 1)``
-    is ``-Σ θ_r right_r`` of the W terms (θ_3 for F^3), or None.
+    vector), ``right (T, k, m)`` the sums of their terms' ``θ_r ·`` right vectors; ``decay`` is
+    ``-Σ θ_r decay_r`` of the terms with a decay (θ_3 for F^3), ``(T, 1, 1)`` or per row
+    ``(T, n, 1)``, or None.
     """
     rights: dict[str, Tensor] = {}
+    decay = None
     for r in sorted(set(active)):
-        term = TERMS[r]
-        value = theta[:, r, None, None] * term.right(signals)
-        rights[term.left] = value if term.left not in rights else rights[term.left] + value
-    decay = -rights.pop("W") if "W" in rights else None
+        term, coefficient = TERMS[r], theta[:, r, None, None]
+        if term.left is not None:
+            value = coefficient * term.right(signals)
+            rights[term.left] = value if term.left not in rights else rights[term.left] + value
+        if term.decay is not None:
+            value = -coefficient * term.decay(signals)
+            decay = value if decay is None else decay + value
     order = [name for name in ("e", "y", "1") if name in rights]
     if not order:
         return None, None, decay
@@ -145,37 +163,46 @@ def plasticity_update(
     return apply_update(weight, *update_factors(theta, active, signals))
 
 
+def term_matrix(r: int, weight: Tensor, signals: LayerSignals) -> Tensor:
+    """F^r of one layer as its ``(T, n, m)`` matrix (batch summed); never an ``(n × n)`` one."""
+    term = TERMS[r]
+    total = torch.zeros_like(weight)
+    if term.left is not None:
+        total = total + _left(term.left, signals).transpose(1, 2) @ term.right(signals)
+    if term.decay is not None:
+        total = total + term.decay(signals) * weight
+    return total
+
+
 def dense_update(coefficients: Mapping[int, Tensor], weight: Tensor, signals: LayerSignals) -> Tensor:
     """``Σ_r C_r ⊙ F^r`` with any coefficient shape that broadcasts to ``(T, n, m)`` — per trial
     ``(T, 1, 1)``, or per synapse ``(T, n, m)`` — each term built as its ``(T, n, m)`` matrix."""
     total = torch.zeros_like(weight)
     for r, coefficient in coefficients.items():
-        term = TERMS[r]
-        if term.left == "W":
-            total = total + coefficient * term.right(signals) * weight
-        else:
-            left = _left(term.left, signals)
-            total = total + coefficient * (left.transpose(1, 2) @ term.right(signals))
+        total = total + coefficient * term_matrix(r, weight, signals)
     return total
 
 
 def term_norms(weight: Tensor, signals: LayerSignals) -> Tensor:
     """Frobenius norms ``‖F^r‖`` of every term of one layer at one online step, shape ``(T, R)``.
 
-    Every term but F^3 is an outer product with ``‖u v^T‖ = ‖u‖ ‖v‖``, so no term is built.
-    Takes one sample per step (batch 1); ``signals.wt_y`` must be given.
+    A plain outer product has ``‖u v^T‖ = ‖u‖ ‖v‖`` and a plain scalar decay ``|d| ‖W‖``, so
+    those are not built; a term with both parts is built as its ``(T, n, m)`` matrix. Takes one
+    sample per step (batch 1); ``signals.wt_y`` must be given.
     """
     if signals.y_pre.shape[1] != 1:
         raise ValueError(
             f"term_norms takes one sample per step (batch 1), got batch {signals.y_pre.shape[1]}"
         )
     norms = []
-    for term in TERMS.values():
-        if term.left == "W":
-            norms.append(weight.flatten(1).norm(dim=1) * abs(term.right(signals)))
-        else:
+    for r, term in TERMS.items():
+        if term.decay is None:
             left, right = _left(term.left, signals), term.right(signals)
             norms.append(left.norm(dim=-1)[:, 0] * right.norm(dim=-1)[:, 0])
+        elif term.left is None and isinstance(term.decay(signals), float):
+            norms.append(weight.flatten(1).norm(dim=1) * abs(term.decay(signals)))
+        else:
+            norms.append(term_matrix(r, weight, signals).flatten(1).norm(dim=1))
     return torch.stack(norms, dim=1)
 
 
