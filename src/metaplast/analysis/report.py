@@ -3,15 +3,23 @@
 A run directory is a meta-training run (``metrics.csv``, ``.hydra/``, ``checkpoints/``) or an online
 evaluation (``online.csv``, ``theta.json``); a directory that holds run directories (a Hydra multirun)
 stands for all of them. Curves are the mean over trials with a shaded 98 % bootstrap CI from 500
-resamples (:mod:`metaplast.analysis.stats`), smoothed by a moving average; everything lands in ``DIR`` with an
-``index.html`` that shows it all.
+resamples (:mod:`metaplast.analysis.stats`), both of the per-trial curves smoothed by a trailing moving
+average; the final meta-accuracy and final Θ are :mod:`metaplast.analysis.results`' (as in
+``result.json``). Everything lands in ``DIR`` with an ``index.html`` that shows it all.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import html
+import math
+import os
 import re
+import shlex
+import sys
+import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +30,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+import metaplast  # noqa: E402
+from metaplast.analysis.results import accuracy_summary, late_mean  # noqa: E402
 from metaplast.analysis.rundir import (  # noqa: E402
     SOURCES,
     FinalTheta,
@@ -31,10 +41,19 @@ from metaplast.analysis.rundir import (  # noqa: E402
     theta_columns,
     theta_layer_columns,
 )
-from metaplast.analysis.stats import bootstrap_ci, mann_whitney_per_episode, summarise  # noqa: E402
-from metaplast.core.terms import TERM_FORMULAS  # noqa: E402
+from metaplast.analysis.stats import (  # noqa: E402
+    CONFIDENCE,
+    RESAMPLES,
+    bootstrap_ci,
+    mann_whitney_per_episode,
+    summarise,
+)
+from metaplast.analysis.sweeps import SweepError  # noqa: E402
+from metaplast.analysis.sweeps import report as sweep_report  # noqa: E402
+from metaplast.core.terms import TERMS  # noqa: E402
 from metaplast.safety import save_figure, write_text  # noqa: E402
 
+PROG = "metaplast.report"
 #: Table 1 of the paper (3 layers; α_0, α_1, α_2 in degrees), keyed by which layers use eHebb.
 TABLE1_PAPER = {
     (False, False, False): (89.89, 76.69, 82.04),
@@ -45,6 +64,13 @@ TABLE1_PAPER = {
     (True, False, True): (84.86, 74.25, 30.33),
     (True, True, True): (77.93, 49.93, 28.4),
 }
+#: Classes of the online-evaluation datasets (all of them are used): chance is 1 / classes.
+DATASET_CLASSES = {"mnist": 10, "fashion_mnist": 10, "emnist": 47, "glyphs": 47}
+#: Runs overlaid in one panel; more are drawn as small multiples (one panel per run).
+OVERLAY_MAX = 3
+BAND = f"{CONFIDENCE:.0%} bootstrap CI of the mean ({RESAMPLES} resamples)".replace("%", " %")
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+GREY = "0.35"
 
 
 class ReportError(ValueError):
@@ -55,11 +81,15 @@ def load_runs(paths) -> list[RunDir]:
     """The run directories of ``paths`` (:func:`metaplast.analysis.rundir.expand`), each with rows."""
     try:
         runs = expand(paths)
+        for run in runs:
+            if run.table.empty:
+                raise ReportError(f"{str(run.path)!r}: its {run.table_path.name} has no rows yet")
+            if run.kind == "meta" and "meta_acc" not in run.table:
+                raise ReportError(f"{str(run.table_path)!r} has no meta_acc column")
+            if run.kind == "online" and "acc" not in run.table:
+                raise ReportError(f"{str(run.table_path)!r} has no acc column")
     except RunError as error:
         raise ReportError(str(error)) from None
-    for run in runs:
-        if run.table.empty:
-            raise ReportError(f"{str(run.path)!r}: its {run.kind} table has no rows yet")
     return runs
 
 
@@ -70,39 +100,128 @@ def _unique_labels(runs: list[RunDir]) -> None:
             run.label = f"{run.label} ({run.path.name})"
 
 
-def _dataset_note(runs: list[RunDir]) -> str:
-    """The datasets of the runs for titles; glyphs are marked SYNTHETIC, IDX sets by their directory."""
-    names = set()
-    for run in runs:
-        dataset = run.config.get("dataset", {})
-        name = str(dataset.get("name", "?"))
-        if name == "idx" and dataset.get("root"):
-            name = f"idx: {Path(dataset['root']).name}"
-        names.add("glyphs (SYNTHETIC)" if name == "glyphs" else name)
-    return ", ".join(sorted(names))
+# ---------------------------------------------------------------- what a run was: dataset, protocol, n
+
+
+def dataset_name(run: RunDir) -> str:
+    """The run's dataset for titles; glyphs are marked SYNTHETIC, IDX sets by their directory."""
+    dataset = run.config.get("dataset") or {}
+    name = str(dataset.get("name") or run.theta_json.get("dataset") or "?")
+    if name == "idx" and dataset.get("root") and "${" not in str(dataset["root"]):
+        return f"idx: {Path(str(dataset['root'])).name}"
+    return "glyphs (SYNTHETIC)" if name == "glyphs" else name
+
+
+def n_trials(run: RunDir) -> int:
+    return int(run.table["trial"].nunique())
+
+
+def protocol(run: RunDir) -> str:
+    """The run's protocol in a few words, e.g. ``5-way, K = 50, Q = 10, 600 episodes``."""
+    if run.kind == "meta":
+        meta = run.config.get("meta") or {}
+        episodes = int(run.table["episode"].max()) + 1
+        if {"M", "K", "Q"} <= set(meta):
+            return f"{meta['M']}-way, K = {meta['K']}, Q = {meta['Q']}, {episodes} episodes"
+        return f"{episodes} episodes"
+    online = run.config.get("online") or {}
+    samples = int(run.table["sample"].max())
+    every = online.get("every")
+    text = f"online, one pass over {samples} {online.get('stream_split', 'stream')} samples"
+    return text + (f", tested every {every}" if every else "")
+
+
+def chance(run: RunDir) -> float | None:
+    """Chance accuracy: 1/M for meta-training (M-way tasks), 1/classes for online evaluation."""
+    if run.kind == "meta":
+        way = (run.config.get("meta") or {}).get("M")
+        return 1 / int(way) if isinstance(way, int) and way > 0 else None
+    classes = run.theta_json.get("classes") or DATASET_CLASSES.get(
+        str((run.config.get("dataset") or {}).get("name") or run.theta_json.get("dataset"))
+    )
+    return 1 / int(classes) if classes else None
+
+
+def _chance_label(value: float) -> str:
+    return f"chance (1/{round(1 / value)})"
+
+
+def _distinct(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def context_line(runs: list[RunDir]) -> str:
+    """Dataset, protocol and n of ``runs`` in one line (for titles and captions)."""
+    counts = sorted({n_trials(r) for r in runs})
+    n = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}–{counts[-1]}"
+    per = " per run" if len(runs) > 1 else ""
+    text = f"{', '.join(_distinct(map(dataset_name, runs)))} · {'; '.join(_distinct(map(protocol, runs)))}"
+    return f"{text} · {n} trials{per}"
+
+
+def _wrap(text: str, width: int = 70) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 # ---------------------------------------------------------------- text: the discovered rule
 
 
-def rule_equation(theta: dict[int, float], keep: float = 0.1) -> str:
-    """The rule as an equation (Eq. 7 style): the terms with |θ_r| >= ``keep`` × max |θ|.
+def pretty_formula(formula: str) -> str:
+    """A term's formula with ℓ, ᵀ and a real minus: ``-e_l y_{l-1}^T`` gives ``−e_ℓ y_{ℓ−1}ᵀ``."""
+    text = re.sub(r"_l(?![A-Za-z0-9])", "_ℓ", formula.replace("l-1", "ℓ−1"))
+    text = text.replace("^T", "ᵀ").replace("^2", "²")
+    return re.sub(r"(^|\s)-", r"\1−", text)
 
-    ``{0: 0.0098, 2: -0.0236}`` gives ``ΔW_{l-1,l} = 9.80e-03 (-e_l y_{l-1}^T) - 2.36e-02 (-e_l e_{l-1}^T)``.
-    """
+
+def term_symbol(r: int) -> str:
+    """``F⁰``, ``F¹⁰``: the term's symbol as text."""
+    return "F" + str(int(r)).translate(SUPERSCRIPT)
+
+
+def term_formula(r: int) -> str:
+    term = TERMS.get(int(r))
+    return pretty_formula(term.formula) if term is not None else "?"
+
+
+def _decimals(largest: float) -> int:
+    """Decimals that show the largest coefficient with 3 significant digits (at least 2 decimals)."""
+    return max(2, 2 - math.floor(math.log10(largest)))
+
+
+def rule_equation(theta: dict[int, float], keep: float = 0.1) -> str:
+    """The rule as an equation of the terms with |θ_r| >= ``keep`` × max |θ|, with readable
+    coefficients: ``{0: 0.00978, 2: -0.02361, 9: 0.00415}`` gives ``ΔW = 0.0098 F⁰ − 0.0236 F² +
+    0.0042 F⁹`` (:func:`term_key` lists what each F^r is); coefficients below 10⁻³ or from 10³ on
+    share a power of ten: ``ΔW = 10⁻⁶ × (3.00 F⁰ − 1.00 F²)``."""
     if not theta:
         raise ReportError("rule_equation needs at least one θ_r")
+    if not all(math.isfinite(v) for v in theta.values()):
+        return "ΔW = ? (non-finite Θ: " + ", ".join(f"θ_{r} = {v}" for r, v in sorted(theta.items())) + ")"
     largest = max(abs(v) for v in theta.values())
     kept = [(r, v) for r, v in sorted(theta.items()) if largest > 0 and abs(v) >= keep * largest]
     if not kept:
-        return "ΔW_{l-1,l} = 0"
-    text = "ΔW_{l-1,l} ="
+        return "ΔW = 0"
+    power = math.floor(math.log10(largest)) if not 1e-3 <= largest < 1e3 else 0
+    decimals = _decimals(largest / 10**power)
+    parts = []
     for i, (r, v) in enumerate(kept):
-        sign = "-" if v < 0 else ("" if i == 0 else "+")
-        text += (
-            f" {sign} {abs(v):.2e} ({TERM_FORMULAS[r]})" if sign else f" {abs(v):.2e} ({TERM_FORMULAS[r]})"
-        )
-    return text
+        sign = ("−" if v < 0 else "") if i == 0 else ("− " if v < 0 else "+ ")
+        parts.append(f"{sign}{abs(v) / 10**power:.{decimals}f} {term_symbol(r)}")
+    if power:
+        exponent = str(power).replace("-", "⁻").translate(SUPERSCRIPT)
+        return f"ΔW = 10{exponent} × ({' '.join(parts)})"
+    return "ΔW = " + " ".join(parts)
+
+
+def term_key(terms) -> list[str]:
+    """``F⁰ = −e_ℓ y_{ℓ−1}ᵀ`` for each term of ``terms``."""
+    return [f"{term_symbol(r)} = {term_formula(r)}" for r in sorted({int(r) for r in terms})]
+
+
+def equation_terms(equation: str) -> list[int]:
+    """The term ids an equation of :func:`rule_equation` names."""
+    digits = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
+    return [int(m.translate(digits)) for m in re.findall(r"F([⁰¹²³⁴⁵⁶⁷⁸⁹]+)", equation)]
 
 
 def final_theta(run: RunDir) -> FinalTheta:
@@ -130,25 +249,94 @@ def final_rules(run: RunDir, keep: float) -> list[str]:
 # ---------------------------------------------------------------- figures
 
 
-def _band(ax, table: pd.DataFrame, x: str, label: str, color=None) -> None:
-    ax.plot(table[x], table["mean"], label=label, color=color)
-    ax.fill_between(table[x], table["low"], table["high"], alpha=0.25, color=ax.lines[-1].get_color())
+def _band(ax, table: pd.DataFrame, x: str, label: str, color=None, alpha: float = 0.22) -> bool:
+    """Mean line and CI band of a :func:`summarise` table; False (nothing drawn) when it is empty."""
+    if table.empty:
+        return False
+    (line,) = ax.plot(
+        table[x].to_numpy(float), table["mean"].to_numpy(float), label=label, color=color, lw=1.6
+    )
+    ax.fill_between(
+        table[x].to_numpy(float),
+        table["low"].to_numpy(float),
+        table["high"].to_numpy(float),
+        alpha=alpha,
+        color=line.get_color(),
+        lw=0,
+    )
+    return True
+
+
+def _nothing(ax, label: str) -> None:
+    """A legend entry (and a note) for a run with no finite value: every trial diverged."""
+    ax.plot([], [], color="none", label=f"{label}: no finite values (every trial diverged)")
 
 
 def _save(fig, out: Path, name: str) -> str:
-    fig.tight_layout()
-    save_figure(fig, out / name, dpi=110)
+    save_figure(fig, out / name, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return name
 
 
-def curves_figure(runs, column, ylabel, out, name, by="episode", window=1, title="") -> str:
-    """One panel, every run overlaid: mean over trials and 98 % bootstrap CI (moving average)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for run in runs:
-        _band(ax, summarise(run.table, column, by=by, window=window), by, run.label)
-    ax.set(xlabel="episode" if by == "episode" else "training samples", ylabel=ylabel, title=title)
-    ax.legend(fontsize=8)
+def _grid(n: int):
+    """Rows and columns of small multiples for ``n`` panels."""
+    columns = 2 if n <= 4 else 3 if n <= 9 else 4
+    return math.ceil(n / columns), columns
+
+
+def _legend_below(ax, handles_from=None, ncol: int = 2) -> None:
+    source = handles_from or ax
+    handles, labels = source.get_legend_handles_labels()
+    if handles:
+        ax.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncol=ncol,
+            frameon=False,
+            fontsize=9,
+        )
+
+
+def curves_figure(runs, column, ylabel, out, name, by="episode", window=1, title="", chance_line=True) -> str:
+    """Mean over trials and 98 % bootstrap CI of ``column`` for each run, of the per-trial curves
+    smoothed by ``window`` (:func:`summarise`): up to :data:`OVERLAY_MAX` runs overlaid in one panel,
+    more as small multiples (one panel per run, the others' means in grey). Accuracy plots get
+    chance (1/M) as a dashed line."""
+    tables = [summarise(run.table, column, by=by, window=window) for run in runs]
+    colors = sns.color_palette("tab10" if len(runs) <= 10 else "husl", len(runs))
+    chances = [chance(run) if chance_line else None for run in runs]
+    xlabel = "episode" if by == "episode" else "training samples seen"
+    if len(runs) <= OVERLAY_MAX:
+        fig, ax = plt.subplots(figsize=(7.0, 4.4))
+        for run, table, color in zip(runs, tables, colors):
+            if not _band(ax, table, by, run.label, color):
+                _nothing(ax, run.label)
+        for value in _distinct(c for c in chances if c):
+            ax.axhline(value, ls="--", lw=1, color=GREY, label=_chance_label(value))
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(_wrap(title, 80), fontsize=10)
+        _legend_below(ax)
+        return _save(fig, out, name)
+    rows, columns = _grid(len(runs))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.1 * rows), sharex=True, sharey=True)
+    axes = np.atleast_1d(axes).ravel()
+    for index, (ax, run, table, color) in enumerate(zip(axes, runs, tables, colors)):
+        for other_index, other in enumerate(tables):
+            if other_index != index and not other.empty:
+                ax.plot(other[by], other["mean"], color="0.75", lw=0.8, zorder=1)
+        if not _band(ax, table, by, "mean, 98 % CI", color):
+            ax.text(0.5, 0.5, "no finite values\n(every trial diverged)", ha="center", transform=ax.transAxes)
+        if chances[index]:
+            ax.axhline(chances[index], ls="--", lw=1, color=GREY, label=_chance_label(chances[index]))
+        ax.set_title(_wrap(run.label, 40), fontsize=9)
+    for ax in axes[len(runs) :]:
+        ax.set_visible(False)
+    fig.supxlabel(xlabel)
+    fig.supylabel(ylabel)
+    fig.suptitle(_wrap(title, 110) + "\n(grey: the other runs' means)", fontsize=10)
+    fig.tight_layout()
     return _save(fig, out, name)
 
 
@@ -162,54 +350,127 @@ def _indexed_columns(table: pd.DataFrame, prefix: str) -> list[tuple[str, str]]:
     return sorted(found, key=lambda item: int(item[0]))
 
 
-def per_column_figure(run, prefix, ylabel, out, name, by="episode", window=1, symbol="") -> str:
-    """One curve per column ``prefix<i>`` of one run (θ_r, α_ℓ or E_W,ℓ), mean and CI over trials."""
+#: Per kind of per-column figure: column prefix, y label (mathtext), legend symbol.
+PER_COLUMN = {
+    "theta": ("theta_", r"$\theta_r$", r"\theta"),
+    "angle": ("angle_", r"$\alpha_\ell$ (degrees)", r"\alpha"),
+    "orth": ("orth_", r"$E_{W,\ell}$", "E"),
+}
+
+
+def _column_label(kind: str, index: str, first: bool, last: bool) -> str:
+    """Legend entry: mathtext symbol, and for α_ℓ / E_W,ℓ which end of the network it is."""
+    if kind == "theta":
+        term, _, layer = index.partition(",")
+        return rf"$\theta_{{{term}}}$" + (f" ({layer})" if layer else "")
+    symbol = rf"$\alpha_{{{index}}}$" if kind == "angle" else rf"$E_{{W,{index}}}$"
+    if first:
+        return symbol + (" (input layer)" if kind == "angle" else " (input side)")
+    if last:
+        return symbol + (" (last hidden layer)" if kind == "angle" else " (output layer)")
+    return symbol
+
+
+def per_column_figure(run, kind, out, name, by="episode", window=1, title="") -> str:
+    """One curve per column of one run — θ_r, α_ℓ or E_W,ℓ — mean and CI over trials of the
+    smoothed per-trial curves; α_ℓ with the 90° reference (orthogonal to BP's teaching signal)."""
+    prefix, ylabel, _ = PER_COLUMN[kind]
     columns = _indexed_columns(run.table, prefix)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    palette = sns.color_palette("tab10" if prefix == "theta_" else "viridis", len(columns))
-    for (index, column), color in zip(columns, palette):
-        _band(ax, summarise(run.table, column, by=by, window=window), by, f"{symbol}{index}", color)
-    ax.set(xlabel=by if by == "episode" else "training samples", ylabel=ylabel, title=run.label)
-    if prefix == "orth_":
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    palette = sns.color_palette("tab10" if len(columns) <= 10 else "tab20", len(columns))
+    if kind != "theta":  # ordered from the input (dark) to the output (light)
+        palette = sns.color_palette("viridis", len(columns))
+    drawn = 0
+    for position, ((index, column), color) in enumerate(zip(columns, palette)):
+        label = _column_label(kind, index, position == 0, position == len(columns) - 1 and len(columns) > 1)
+        drawn += _band(ax, summarise(run.table, column, by=by, window=window), by, label, color, alpha=0.15)
+    if not drawn:
+        ax.text(0.5, 0.5, "no finite values (every trial diverged)", ha="center", transform=ax.transAxes)
+    if kind == "angle":
+        ax.axhline(90, ls="--", lw=1, color=GREY, label="90° (orthogonal to BP)")
+        ax.set_ylim(bottom=0)
+    elif kind == "theta":
+        ax.axhline(0, lw=0.8, color=GREY)
+    elif drawn:
         ax.set_yscale("log")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set(xlabel="episode" if by == "episode" else "training samples seen", ylabel=ylabel)
+    ax.set_title(f"{_wrap(run.label, 90)}\n{_wrap(title, 100)}", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     return _save(fig, out, name)
 
 
 def mann_whitney_figure(runs, out, name, column="meta_acc") -> tuple[str, pd.DataFrame]:
-    """Supp. Fig. S7: p-value per episode that each run's trials beat the first run's (one-sided)."""
+    """Supp. Fig. S7: p-value per episode that each run's trials beat the first run's (one-sided);
+    more than :data:`OVERLAY_MAX` comparisons as small multiples."""
     base, frames = runs[0], []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for run in runs[1:]:
         table = mann_whitney_per_episode(run.table, base.table, column, "greater")
         table.insert(0, "run", run.label)
         table.insert(1, "baseline", base.label)
         frames.append(table)
-        ax.plot(table["episode"], table["p"], label=f"{run.label} > {base.label}")
-    ax.axhline(0.05, color="grey", linestyle="--", linewidth=1, label="p = 0.05")
-    ax.set(xlabel="episode", ylabel="one-sided Mann–Whitney U p-value", yscale="log", title=column)
-    ax.legend(fontsize=8)
+    colors = sns.color_palette("tab10", len(frames))
+    many = len(frames) > OVERLAY_MAX
+    rows, columns = _grid(len(frames)) if many else (1, 1)
+    size = (4.2 * columns, 3.1 * rows) if many else (7.0, 4.4)
+    fig, axes = plt.subplots(rows, columns, figsize=size, sharex=True, sharey=True, squeeze=False)
+    axes = axes.ravel()
+    for index, (table, color) in enumerate(zip(frames, colors)):
+        ax = axes[index if many else 0]
+        finite = table[np.isfinite(table["p"])]
+        label = f"{table['run'].iloc[0]} > {base.label}"
+        ax.plot(finite["episode"], finite["p"], color=color, lw=1.2, label=label)
+        if many:
+            ax.set_title(_wrap(table["run"].iloc[0], 40), fontsize=9)
+    for ax in axes[: len(frames) if many else 1]:
+        ax.axhline(0.05, color=GREY, ls="--", lw=1, label="p = 0.05")
+        ax.set_yscale("log")
+    for ax in axes[len(frames) if many else 1 :]:
+        ax.set_visible(False)
+    heading = f"one-sided Mann–Whitney U p-value, {column} per episode: each run > {base.label}"
+    if many:
+        fig.supxlabel("episode")
+        fig.supylabel("p-value")
+        fig.suptitle(_wrap(heading, 110), fontsize=10)
+        fig.tight_layout()
+    else:
+        axes[0].set(xlabel="episode", ylabel="p-value")
+        axes[0].set_title(_wrap(heading, 80), fontsize=10)
+        _legend_below(axes[0], ncol=1)
     return _save(fig, out, name), pd.concat(frames, ignore_index=True)
 
 
 # ---------------------------------------------------------------- tables
 
 
-def summary_table(runs: list[RunDir], last: int) -> pd.DataFrame:
-    """Per meta run: meta-accuracy and loss over the last ``last`` episodes per trial; CI over trials."""
+def _mean_ci(values) -> tuple[float, float, float, int]:
+    return accuracy_summary(values)
+
+
+def summary_table(runs: list[RunDir], last: int | None) -> pd.DataFrame:
+    """Per meta run: the final meta-accuracy (:func:`metaplast.analysis.results.final_accuracy`:
+    per trial the mean over the last ``last`` episodes, default the run's ``objective.last``; as in
+    ``result.json``) and meta-loss the same way, mean and 98 % bootstrap CI over trials; α_ℓ over
+    those episodes."""
     rows = []
     for run in runs:
-        table = run.table
-        tail = table[table["episode"] > table["episode"].max() - last]
-        per_trial = tail.groupby("trial")[["meta_acc", "meta_loss"]].mean().dropna()  # diverged: NaN
-        row = {"run": run.label, "dir": str(run.path), "episodes": int(table["episode"].max()) + 1}
-        row["trials"] = len(per_trial)
+        table, n = run.table, run.last if last is None else last
+        trials = run.trials
+        row = {"run": run.label, "dataset": dataset_name(run), "episodes": int(table["episode"].max()) + 1}
+        row["last"] = n
+        accuracy = late_mean(table, trials, n, "meta_acc")
+        mean, low, high, count = _mean_ci(accuracy)
+        row.update({"trials": len(trials), "trials scored": count})
         if "meta_diverged" in table:
-            row["trials diverged"] = int(table.groupby("trial")["meta_diverged"].max().sum())
-        for column in ("meta_acc", "meta_loss"):
-            low, high = bootstrap_ci(per_trial[column].to_numpy())
-            row.update({column: per_trial[column].mean(), f"{column}_low": low, f"{column}_high": high})
+            row["trials ever diverged"] = int((table.groupby("trial")["meta_diverged"].max() > 0).sum())
+        row.update({"meta_acc": mean, "meta_acc_low": low, "meta_acc_high": high})
+        if "meta_loss" in table:
+            loss, low, high, _ = _mean_ci(late_mean(table, trials, n, "meta_loss"))
+            row.update({"meta_loss": loss, "meta_loss_low": low, "meta_loss_high": high})
+        tail = table[table["episode"] > table["episode"].max() - n]
         row.update({f"α_{l}": tail[c].mean() for l, c in _indexed_columns(table, "angle_")})
+        row["dir"] = str(run.path)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -218,6 +479,12 @@ def _source(final: FinalTheta) -> str:
     """Where a final Θ was read, for tables: ``result.json``, ``last.ckpt`` or ``metrics.csv``."""
     name = {"result": "result.json", "checkpoint": "last.ckpt", "csv": "metrics.csv"}[final.source]
     return name if final.per_layer or final.share == "all" else f"{name} (mean over layers)"
+
+
+def _ci(values) -> tuple[float, float]:
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return bootstrap_ci(finite) if finite.size else (float("nan"), float("nan"))
 
 
 def theta_table(runs: list[RunDir]) -> pd.DataFrame:
@@ -230,7 +497,7 @@ def theta_table(runs: list[RunDir]) -> pd.DataFrame:
         means = final.mean().reshape(values.shape[1:])  # as result.json's theta_mean, bit for bit
         for layer in range(values.shape[1]):
             for index, term in enumerate(final.terms):
-                low, high = bootstrap_ci(values[:, layer, index])
+                low, high = _ci(values[:, layer, index])
                 row = {"run": run.label, "term": term, "mean": means[layer, index], "low": low, "high": high}
                 if final.per_layer:
                     row["layer"] = layer
@@ -247,14 +514,16 @@ def online_table(runs: list[RunDir]) -> pd.DataFrame:
     marks = sorted({0, 500, 1000, 2000, 5000, *ends} & {int(s) for r in runs for s in r.table["sample"]})
     rows = []
     for run in runs:
-        row = {"run": run.label, "dir": str(run.path), "trials": run.table["trial"].nunique()}
+        row = {"run": run.label, "dataset": dataset_name(run), "trials": n_trials(run)}
         for mark in marks:
-            values = run.table.loc[run.table["sample"] == mark, "acc"].to_numpy()
+            values = run.table.loc[run.table["sample"] == mark, "acc"].to_numpy(float)
+            values = values[np.isfinite(values)]
             if values.size:
                 low, high = bootstrap_ci(values)
                 row[f"acc@{mark}"] = f"{values.mean():.3f} [{low:.3f}, {high:.3f}]"
             else:
                 row[f"acc@{mark}"] = ""
+        row["dir"] = str(run.path)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -294,6 +563,7 @@ def _is_table1(run: RunDir) -> bool:
         and len(run.rule.layer_terms) == 3
         and all(tuple(t) in ((0,), (0, 2)) for t in run.rule.layer_terms)
         and bool((run.config.get("rule") or {}).get("per_layer"))
+        and all(f"angle_{l}" in run.table for l in range(3))
     )
 
 
@@ -307,183 +577,346 @@ def _write_table(table: pd.DataFrame, out: Path, stem: str, floatfmt=".4g") -> t
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "run"
+
+
+def _band_caption(window: int, by: str = "episode") -> str:
+    unit = "episodes" if by == "episode" else "test points"
+    smoothing = (
+        f"of each trial's curve smoothed by a trailing moving average over {window} {unit} "
+        "(the CI is computed after smoothing)"
+        if window > 1
+        else "of the unsmoothed per-trial values"
+    )
+    return f"Line: mean over trials; band: {BAND}; both {smoothing}. Diverged trial-episodes are left out."
+
+
+def _table(table: pd.DataFrame, out: Path, stem: str, caption: str, floatfmt=".4g") -> tuple:
+    """Write a table as CSV and Markdown; the index item showing it."""
+    csv_name, md_name = _write_table(table, out, stem, floatfmt)
+    return ("table", (caption, csv_name, md_name))
+
+
+def _meta_sections(meta: list[RunDir], out: Path, window, burn_in, last, keep) -> list[tuple[str, list]]:
+    sections = []
+    band, context = _band_caption(window), context_line(meta)
+    small = " One panel per run (more than three runs)." if len(meta) > OVERLAY_MAX else ""
+    ways = _distinct(round(1 / c) for c in map(chance, meta) if c)
+    dashed = f" Dashed: chance, 1/M (M = {', '.join(map(str, ways))})." if ways else ""
+    accuracy = curves_figure(
+        meta, "meta_acc", "meta-accuracy", out, "meta_acc.png", window=window, title=context
+    )
+    loss = curves_figure(
+        meta, "meta_loss", "meta-loss", out, "meta_loss.png", window=window, title=context, chance_line=False
+    )
+    summary = summary_table(meta, last)
+    lasts = ", ".join(map(str, _distinct(summary["last"])))
+    items = [
+        ("img", accuracy, f"Meta-accuracy on the query set per episode. {context}. {band}{dashed}{small}"),
+        ("img", loss, f"Meta-loss on the query set per episode. {context}. {band}{small}"),
+        _table(
+            summary,
+            out,
+            "summary",
+            f"Final meta-accuracy and meta-loss: per trial the mean over its last {lasts} episodes (as "
+            f"result.json), then the mean over trials with a {BAND}; α_ℓ averaged over the same episodes. "
+            "'trials scored': trials with a finite value (a trial diverged in all of them is left out).",
+        ),
+    ]
+    sections.append(("Meta-training", items))
+    rules, keys = [], set()
+    extra = {
+        "theta": "",
+        "angle": " α_0 is at the input layer, the last at the last hidden layer; dashed: 90°.",
+        "orth": " E_W,1 is the first weight layer (input side), the last the output layer.",
+    }
+    for run in meta:
+        slug, run_context = _slug(run.label), context_line([run])
+        run_items = []
+        for kind, what in (
+            ("theta", "Plasticity coefficients θ_r"),
+            ("angle", "Alignment angles α_ℓ between the run's teaching signals and BP's"),
+            ("orth", "Orthonormality errors E_W,ℓ (Eqs. 11–12, log scale)"),
+        ):
+            if _indexed_columns(run.table, PER_COLUMN[kind][0]):
+                name = per_column_figure(
+                    run, kind, out, f"{kind}_{slug}.png", window=window, title=run_context
+                )
+                run_items.append(("img", name, f"{what}, {run.label}. {run_context}. {band}{extra[kind]}"))
+        for equation in final_rules(run, keep):
+            rules.append(f"{run.label}: {equation}")
+            keys.update(equation_terms(equation))
+            caption = f"Discovered rule (final Θ, trial mean; terms with |θ_r| ≥ {keep} max|θ|)"
+            run_items.append(("rule", (caption, equation)))
+        sections.append((run.label, run_items))
+    key = term_key(keys)
+    where = "\nwhere\n" + "\n".join(key) + "\n" if key else ""
+    write_text(out / "rules.txt", "\n".join(rules) + "\n" + where)
+    if key:
+        sections.append(("Terms of the rules", [("text", "where " + "; ".join(key))]))
+    caption = f"Θ after the last Adam step ('source': where it was read), mean over trials, {BAND}"
+    sections.append(("Final Θ (Table S1 style)", [_table(theta_table(meta), out, "theta_final", caption)]))
+    if len(meta) >= 2:
+        name, p_values = mann_whitney_figure(meta, out, "mann_whitney.png")
+        write_text(out / "mann_whitney.csv", p_values.to_csv(index=False))
+        caption = (
+            f"Supp. Fig. S7: one-sided Mann–Whitney U p-value per episode that a run's per-trial "
+            f"meta-accuracies exceed those of {meta[0].label} (unsmoothed). {context}. Dashed: p = 0.05."
+        )
+        sections.append(("Mann–Whitney U (Supp. Fig. S7)", [("img", name, caption)]))
+    table1_runs = [r for r in meta if _is_table1(r)]
+    if table1_runs:
+        caption = (
+            f"α_ℓ (degrees) averaged over episodes and trials after a burn-in of {burn_in} episodes, "
+            "next to the paper's values"
+        )
+        sections.append(("Table 1", [_table(table1(table1_runs, burn_in), out, "table1", caption, ".2f")]))
+    return sections
+
+
+def _online_section(online: list[RunDir], out: Path) -> tuple[str, list]:
+    context, band = context_line(online), _band_caption(1, "sample")
+    small = " One panel per run (more than three runs)." if len(online) > OVERLAY_MAX else ""
+    classes = _distinct(round(1 / c) for c in map(chance, online) if c)
+    dashed = f" Dashed: chance, 1/{', 1/'.join(map(str, classes))}." if classes else ""
+    name = curves_figure(online, "acc", "test accuracy", out, "online_acc.png", by="sample", title=context)
+    items = [
+        (
+            "img",
+            name,
+            f"Online learning: test accuracy against training samples seen. {context}. {band}{dashed}{small}",
+        ),
+        _table(online_table(online), out, "online", f"Test accuracy, mean [{BAND}] over trials"),
+    ]
+    for run in online:
+        if _indexed_columns(run.table, "angle_"):
+            run_context = context_line([run])
+            name = per_column_figure(
+                run, "angle", out, f"online_angle_{_slug(run.label)}.png", by="sample", title=run_context
+            )
+            caption = (
+                f"Alignment angles α_ℓ during online learning, {run.label}. {run_context}. {band} "
+                "α_0 is at the input layer; dashed: 90°."
+            )
+            items.append(("img", name, caption))
+    return ("Online evaluation", items)
 
 
 def write_report(
-    runs: list[RunDir], out: Path, window: int = 5, burn_in: int = 100, last: int = 10, keep: float = 0.1
+    runs: list[RunDir],
+    out: Path,
+    window: int = 5,
+    burn_in: int = 100,
+    last: int | None = None,
+    keep: float = 0.1,
+    command: str | None = None,
 ):
-    """Every figure and table for ``runs`` under ``out``, and ``index.html``; returns the written names."""
+    """Every figure and table for ``runs`` under ``out``, and ``index.html``; returns the written names.
+
+    ``last``: episodes per trial of the final accuracy (default: each run's ``objective.last``);
+    ``command``: the command line that made the report, shown in its header."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sns.set_theme(style="whitegrid", context="paper")
+    sns.set_theme(style="whitegrid", context="notebook")
     _unique_labels(runs)
     meta = [r for r in runs if r.kind == "meta"]
     online = [r for r in runs if r.kind == "online"]
-    data = _dataset_note(runs)
-    sections: list[tuple[str, list]] = []  # (title, [("img"|"table"|"text", payload)])
-
-    if meta:
-        items = [
-            (
-                "img",
-                curves_figure(
-                    meta, "meta_acc", "meta-accuracy", out, "meta_acc.png", window=window, title=data
-                ),
-            ),
-            (
-                "img",
-                curves_figure(
-                    meta, "meta_loss", "meta-loss", out, "meta_loss.png", window=window, title=data
-                ),
-            ),
-        ]
-        csv_name, md_name = _write_table(summary_table(meta, last), out, "summary")
-        items.append(
-            ("table", (f"Last {last} episodes per trial, 98 % bootstrap CI over trials", csv_name, md_name))
-        )
-        sections.append(("Meta-training", items))
-        rules = []
-        for run in meta:
-            slug = _slug(run.label)
-            run_items = [
-                (
-                    "img",
-                    per_column_figure(
-                        run, "theta_", "θ_r", out, f"theta_{slug}.png", window=window, symbol="θ_"
-                    ),
-                ),
-                (
-                    "img",
-                    per_column_figure(
-                        run, "angle_", "α_ℓ (degrees)", out, f"angle_{slug}.png", window=window, symbol="α_"
-                    ),
-                ),
-                (
-                    "img",
-                    per_column_figure(
-                        run, "orth_", "E_W,ℓ", out, f"orth_{slug}.png", window=window, symbol="E_"
-                    ),
-                ),
-            ]
-            for equation in final_rules(run, keep):
-                rules.append(f"{run.label}: {equation}")
-                run_items.append(
-                    (
-                        "text",
-                        f"Discovered rule (final Θ, trial mean; |θ_r| ≥ {keep} max|θ|): {equation}",
-                    )
-                )
-            sections.append((run.label, run_items))
-        write_text(out / "rules.txt", "\n".join(rules) + "\n")
-        csv_name, md_name = _write_table(theta_table(meta), out, "theta_final")
-        sections.append(
-            (
-                "Final Θ (Table S1 style)",
-                [("table", ("mean over trials, 98 % bootstrap CI", csv_name, md_name))],
-            )
-        )
-        if len(meta) >= 2:
-            name, p_values = mann_whitney_figure(meta, out, "mann_whitney.png")
-            write_text(out / "mann_whitney.csv", p_values.to_csv(index=False))
-            sections.append(("Mann–Whitney U (Supp. Fig. S7)", [("img", name)]))
-        table1_runs = [r for r in meta if _is_table1(r)]
-        if table1_runs:
-            csv_name, md_name = _write_table(table1(table1_runs, burn_in), out, "table1", ".2f")
-            sections.append(
-                (
-                    "Table 1",
-                    [("table", (f"α_ℓ averaged after a burn-in of {burn_in} episodes", csv_name, md_name))],
-                )
-            )
+    sections = _meta_sections(meta, out, window, burn_in, last, keep) if meta else []
     if online:
-        items = [
-            (
-                "img",
-                curves_figure(
-                    online, "acc", "test accuracy", out, "online_acc.png", by="sample", window=1, title=data
-                ),
-            )
-        ]
-        csv_name, md_name = _write_table(online_table(online), out, "online")
-        items.append(("table", ("test accuracy, mean [98 % CI] over trials", csv_name, md_name)))
-        for run in online:
-            items.append(
-                (
-                    "img",
-                    per_column_figure(
-                        run,
-                        "angle_",
-                        "α_ℓ (degrees)",
-                        out,
-                        f"online_angle_{_slug(run.label)}.png",
-                        by="sample",
-                        symbol="α_",
-                    ),
-                )
-            )
-        sections.append(("Online evaluation", items))
-    _write_index(out, sections, runs)
+        sections.append(_online_section(online, out))
+    _write_index(out, sections, runs, command)
     return sorted(p.name for p in out.iterdir())
 
 
-def _write_index(out: Path, sections, runs) -> None:
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:0 1em;color:#222}
+header{border-bottom:1px solid #ccc;margin-bottom:1em}
+figure{margin:0}
+figure img{width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:13px;color:#444;margin:.3em 0 1em}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1em}
+table{border-collapse:collapse;font-size:12px;margin-bottom:1em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+.rule{font-size:16px;font-family:'DejaVu Serif',serif;background:#f6f6f6;padding:.4em .8em}
+code{font-size:12px;word-break:break-all}
+.scroll{overflow-x:auto}
+"""
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    table = frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
+    return f"<div class='scroll'>{table}</div>"
+
+
+def _write_index(out: Path, sections, runs, command: str | None) -> None:
+    kinds = sorted({"meta-training" if r.kind == "meta" else "online evaluation" for r in runs})
+    header = pd.DataFrame(
+        [
+            {
+                "run": r.label,
+                "kind": "meta-training" if r.kind == "meta" else "online",
+                "dataset": dataset_name(r),
+                "protocol": protocol(r),
+                "trials": n_trials(r),
+                "directory": str(r.path),
+            }
+            for r in runs
+        ]
+    )
+    made = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    datasets = ", ".join(_distinct(map(dataset_name, runs)))
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>metaplast report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:49%}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}</style>",
-        "</head><body><h1>metaplast report</h1><ul>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>metaplast report: {html.escape(datasets)}</title>",
+        f"<style>{CSS}</style></head><body><header><h1>metaplast report</h1>",
+        f"<p>{len(runs)} run(s) ({', '.join(kinds)}) on {html.escape(datasets)}. "
+        f"Statistics: mean over trials, {html.escape(BAND)}.</p>",
+        _html_table(header),
+        f"<p>Made {html.escape(made)} with metaplast {html.escape(metaplast.__version__)} by:<br>"
+        f"<code>{html.escape(command or 'metaplast.analysis.report.write_report(...)')}</code></p>",
+        "<nav><b>Contents:</b> "
+        + " · ".join(f"<a href='#s{i}'>{html.escape(title)}</a>" for i, (title, _) in enumerate(sections))
+        + "</nav></header>",
     ]
-    parts += [f"<li>{html.escape(r.label)}: <code>{html.escape(str(r.path))}</code></li>" for r in runs]
-    parts.append("</ul>")
-    for title, items in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        for kind, payload in items:
-            if kind == "img":
-                parts.append(f"<img src='{payload}' alt='{payload}'>")
-            elif kind == "text":
-                parts.append(f"<p><code>{html.escape(payload)}</code></p>")
-            else:
+    for number, (title, items) in enumerate(sections):
+        parts.append(f"<section id='s{number}'><h2>{html.escape(title)}</h2>")
+        figures = [item for item in items if item[0] == "img"]
+        if figures:
+            parts.append("<div class='grid'>")
+            for _, name, caption in figures:
+                parts.append(
+                    f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption[:120])}'>"
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
+            parts.append("</div>")
+        for item in items:
+            kind, payload = item[0], item[1]
+            if kind == "text":
+                parts.append(f"<p>{html.escape(payload)}</p>")
+            elif kind == "rule":
+                caption, equation = payload
+                parts.append(f"<p>{html.escape(caption)}:</p><p class='rule'>{html.escape(equation)}</p>")
+            elif kind == "table":
                 caption, csv_name, md_name = payload
                 table = pd.read_csv(out / csv_name)
                 links = f"(<a href='{csv_name}'>CSV</a>, <a href='{md_name}'>Markdown</a>)"
                 parts.append(f"<p>{html.escape(caption)} {links}</p>")
-                parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+                parts.append(_html_table(table))
+        parts.append("</section>")
     parts.append("</body></html>")
     write_text(out / "index.html", "\n".join(parts))
 
 
+# ---------------------------------------------------------------- the command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m metaplast.report", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m metaplast.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories (or multirun directories holding them)")
     parser.add_argument("--out", required=True, help="output directory for figures, tables and index.html")
     parser.add_argument("--window", type=int, default=5, help="moving-average window in episodes (default 5)")
     parser.add_argument(
-        "--burn-in", type=int, default=100, help="Table 1: episodes dropped before averaging α"
+        "--burn-in", type=int, default=100, help="Table 1: episodes dropped before averaging α (default 100)"
     )
     parser.add_argument(
-        "--last", type=int, default=10, help="summary: episodes averaged at the end (default 10)"
+        "--last",
+        type=int,
+        default=None,
+        help="final accuracy: episodes averaged per trial (default: each run's objective.last, 10)",
     )
-    parser.add_argument("--keep", type=float, default=0.1, help="rule text: keep |θ_r| >= keep × max|θ|")
+    parser.add_argument(
+        "--keep", type=float, default=0.1, help="rule text: keep |θ_r| >= keep × max|θ| (0..1, default 0.1)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="warnings, and a traceback on an error")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        for name in ("window", "last"):
-            if getattr(args, name) < 1:
-                raise ReportError(f"--{name}={getattr(args, name)} is not allowed; allowed: an integer >= 1")
-        runs = load_runs(args.runs)
-        written = write_report(runs, Path(args.out), args.window, args.burn_in, args.last, args.keep)
-    except ReportError as error:
-        raise SystemExit(f"metaplast: error: {error}") from None
-    print(f"wrote {len(written)} files to {args.out}: open {Path(args.out) / 'index.html'}")
-    sweeps = [Path(path) for path in args.runs if (Path(path) / "multirun.yaml").exists()]
-    if sweeps:  # Hydra multirun directories: also one table over all their jobs (metaplast.sweep)
-        from metaplast.analysis.sweeps import report as sweep_report
+#: The largest moving-average window, final-accuracy span and burn-in accepted.
+LIMIT = 10**7
 
-        sweep_report(sweeps, Path(args.out) / "sweep")
-        print(f"wrote the sweep table and λ plots to {Path(args.out) / 'sweep'}: sweep.md, sweep.csv")
+
+def check_args(args: argparse.Namespace) -> Path:
+    """Every option in range, and ``--out`` a directory that can be written (not a run's); returns it."""
+    if not 1 <= args.window <= LIMIT:
+        raise ReportError(f"--window={args.window} is not allowed; allowed: an integer in [1, {LIMIT}]")
+    if args.last is not None and not 1 <= args.last <= LIMIT:
+        raise ReportError(f"--last={args.last} is not allowed; allowed: an integer in [1, {LIMIT}]")
+    if not 0 <= args.burn_in <= LIMIT:
+        raise ReportError(f"--burn-in={args.burn_in} is not allowed; allowed: an integer in [0, {LIMIT}]")
+    if not (math.isfinite(args.keep) and 0 <= args.keep <= 1):
+        raise ReportError(f"--keep={args.keep} is not allowed; allowed: a number in [0, 1]")
+    return check_out(args.out, args.runs)
+
+
+def check_out(out, inputs=()) -> Path:
+    """``out`` as an output directory: not an existing file, not a run directory nor one of
+    ``inputs``; created (with its parents), and writable."""
+    path = Path(out)
+    if str(out).strip() == "":
+        raise ReportError("--out is empty; allowed: a directory path")
+    if path.exists() and not path.is_dir():
+        raise ReportError(
+            f"--out {str(path)!r} exists and is not a directory; allowed: a new or existing directory"
+        )
+    resolved = path.resolve()
+    if any(resolved == Path(p).resolve() for p in inputs):
+        raise ReportError(
+            f"--out {str(path)!r} is one of the run directories given; allowed: another directory"
+        )
+    if path.is_dir() and (
+        RunDir.is_run(path) or (path / ".hydra").is_dir() or (path / "result.json").exists()
+    ):
+        raise ReportError(f"--out {str(path)!r} is a run directory; allowed: a directory that holds no run")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ReportError(f"--out {str(path)!r} cannot be created: {error.strerror or error}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ReportError(f"--out {str(path)!r} is not writable")
+    return path
+
+
+def fail(message: str, code: int = 2):
+    """Print ``message`` as one line to stderr and exit with ``code``."""
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parse_args(argv)
+    verbose = args.verbose or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    command = shlex.join(["python", "-m", "metaplast.report", *argv])
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            out = check_args(args)
+            runs = load_runs(args.runs)
+            written = write_report(runs, out, args.window, args.burn_in, args.last, args.keep, command)
+            print(f"wrote {len(written)} files to {out}: open {out / 'index.html'}")
+            sweeps = [Path(path) for path in args.runs if (Path(path) / "multirun.yaml").exists()]
+            if sweeps:  # Hydra multirun directories: also one table over all their jobs (metaplast.sweep)
+                sweep_report(sweeps, out / "sweep", last=args.last)
+                print(f"wrote the sweep table and λ plots to {out / 'sweep'}: sweep.md, sweep.csv")
+    except (ReportError, RunError, SweepError) as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as error:  # the last resort: one line, unless --verbose
+        if verbose:
+            raise
+        fail(f"unexpected {type(error).__name__}: {error} (rerun with --verbose for the traceback)")
 
 
 if __name__ == "__main__":

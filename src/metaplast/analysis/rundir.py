@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from metaplast.analysis.results import RESULT
+from metaplast.analysis.results import DEFAULT_LAST, RESULT, check_last, final_accuracy
 from metaplast.core.rules import Rule
-from metaplast.safety import load_checkpoint
+from metaplast.safety import CheckpointError, load_checkpoint
 
 #: ``theta_<r>``: a column of Θ shared by all layers.
 THETA_COLUMN = re.compile(r"^theta_(\d+)$")
@@ -36,6 +36,88 @@ SOURCES = ("result", "checkpoint", "csv")
 
 class RunError(ValueError):
     """A run directory that cannot be read as asked; the message names it and what is missing."""
+
+
+#: The columns naming a row of each kind of table.
+KEYS = {"meta": ("episode", "trial"), "online": ("sample", "trial")}
+
+
+def _why(error: Exception) -> str:
+    """An OS or parse error in a few words (no traceback)."""
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def read_yaml(path: Path, kind: type = dict):
+    """A YAML file of a run (``.hydra/config.yaml``, ``overrides.yaml``) as plain data of ``kind``."""
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as error:  # OmegaConf/yaml raise many kinds; all mean "cannot read this file"
+        raise RunError(f"{str(path)!r} cannot be read as YAML: {_why(error)}") from None
+    if data is None:
+        return kind()
+    if not isinstance(data, kind):
+        raise RunError(f"{str(path)!r} holds a {type(data).__name__}, not a {kind.__name__}")
+    return data
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of a run (``result.json``, ``theta.json``) as a dict."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunError(f"{str(path)!r} cannot be read as JSON: {_why(error)}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_table(path: Path, kind: str) -> pd.DataFrame:
+    """A run's table (``metrics.csv`` or ``online.csv``), checked: a regular UTF-8 CSV file with its
+    key columns (``episode``/``sample`` and ``trial``: integers >= 0, each pair once) and numbers
+    (or empty cells) in every column."""
+    if not path.is_file():
+        raise RunError(f"{str(path)!r} is not a regular file")
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise RunError(f"{str(path)!r} is empty (not even a header line)") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError) as error:
+        raise RunError(f"{str(path)!r} is not a readable CSV table: {_why(error)}") from None
+    missing = [c for c in KEYS[kind] if c not in table.columns]
+    if missing:
+        raise RunError(
+            f"{str(path)!r} has no column {', '.join(map(repr, missing))}; its header: "
+            f"{', '.join(map(str, table.columns))[:200]}"
+        )
+    for column in table.columns:
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        bad = numbers.isna() & table[column].notna()
+        if bad.any():
+            value = table[column][bad].iloc[0]
+            raise RunError(
+                f"{str(path)!r}: column {column!r} holds {str(value)[:40]!r} (line {bad.idxmax() + 2}); "
+                f"allowed: numbers or empty cells"
+            )
+        table[column] = numbers
+    for column in KEYS[kind]:
+        values = table[column]
+        bad = ~np.isfinite(values) | (values < 0) | (values != np.floor(values))
+        if bad.any():
+            raise RunError(
+                f"{str(path)!r}: column {column!r} holds {values[bad].iloc[0]!r} (line {bad.idxmax() + 2}); "
+                f"allowed: integers >= 0"
+            )
+        table[column] = values.astype(int)
+    duplicated = table.duplicated(list(KEYS[kind]))
+    if duplicated.any():
+        row = table[duplicated].iloc[0]
+        raise RunError(
+            f"{str(path)!r} has more than one row for {KEYS[kind][0]} {row[KEYS[kind][0]]}, trial "
+            f"{row['trial']} (a damaged file, or two runs writing it)"
+        )
+    return table
 
 
 def theta_columns(frame: pd.DataFrame) -> dict[int, str]:
@@ -97,13 +179,18 @@ def expand(paths) -> list[RunDir]:
     """Run directories as given; a directory holding run directories (a multirun) gives all of them."""
     found = []
     for path in map(Path, paths):
+        if not path.exists():
+            raise RunError(f"{str(path)!r} does not exist")
         if RunDir.is_run(path):
             found.append(RunDir(path))
             continue
-        children = sorted(
-            (p for p in path.iterdir() if p.is_dir() and RunDir.is_run(p)) if path.is_dir() else [],
-            key=_run_order,
-        )
+        try:
+            children = sorted(
+                (p for p in path.iterdir() if p.is_dir() and RunDir.is_run(p)) if path.is_dir() else [],
+                key=_run_order,
+            )
+        except OSError as error:
+            raise RunError(f"{str(path)!r} cannot be listed: {_why(error)}") from None
         if not children:
             raise RunError(
                 f"{str(path)!r} is not a run directory: it has no metrics.csv or online.csv, "
@@ -118,7 +205,10 @@ def hydra_jobs(directory) -> list[RunDir]:
     directory = Path(directory)
     if not directory.is_dir():
         raise RunError(f"{directory} is not a directory")
-    found = sorted(p.parent.parent for p in directory.rglob(".hydra/overrides.yaml"))
+    try:
+        found = sorted(p.parent.parent for p in directory.rglob(".hydra/overrides.yaml"))
+    except OSError as error:
+        raise RunError(f"{str(directory)!r} cannot be searched: {_why(error)}") from None
     if not found:
         raise RunError(f"no Hydra job directory (with .hydra/) under {directory}")
     return [RunDir(job) for job in found]
@@ -173,7 +263,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         hydra_config = self.path / ".hydra" / "config.yaml"
-        self.config = OmegaConf.to_container(OmegaConf.load(hydra_config)) if hydra_config.exists() else {}
+        self.config = read_yaml(hydra_config) if hydra_config.exists() else {}
         if (self.path / "online.csv").exists() and not (self.path / "metrics.csv").exists():
             self.kind, self.table_path = "online", self.path / "online.csv"
         elif self.is_run(self.path) or (self.path / RESULT).exists() or (self.path / ".hydra").is_dir():
@@ -188,15 +278,47 @@ class RunDir:
     @staticmethod
     def is_run(path: Path) -> bool:
         """Whether ``path`` holds a run's table (``metrics.csv`` or ``online.csv``)."""
-        return (Path(path) / "metrics.csv").exists() or (Path(path) / "online.csv").exists()
+        try:
+            return (Path(path) / "metrics.csv").exists() or (Path(path) / "online.csv").exists()
+        except OSError:
+            return False
 
     @property
     def table(self) -> pd.DataFrame:
+        """The run's table (:func:`read_table`, checked)."""
         if self._table is None:
             if not self.table_path.exists():
                 raise RunError(f"{str(self.path)!r} has no {self.table_path.name} (yet)")
-            self._table = pd.read_csv(self.table_path)
+            self._table = read_table(self.table_path, self.kind)
         return self._table
+
+    @property
+    def last(self) -> int:
+        """Episodes averaged per trial for the final meta-accuracy: the run's ``objective.last``."""
+        value = (self.config.get("objective") or {}).get("last", DEFAULT_LAST)
+        try:
+            return check_last(value)
+        except ValueError:
+            raise RunError(
+                f"{str(self.path)!r}: objective.last={value!r} in its config; allowed: >= 1"
+            ) from None
+
+    def final_accuracy(self, last: int | None = None) -> list[float]:
+        """Per trial (:attr:`trials`), the final meta-accuracy
+        (:func:`metaplast.analysis.results.final_accuracy`) over ``last`` episodes (default
+        :attr:`last`): from ``metrics.csv``, else ``result.json``'s when it averaged as many."""
+        last = self.last if last is None else check_last(last)
+        if self.kind == "meta" and self.table_path.exists():
+            found = final_accuracy(self.table, self.trials, last)
+            if found is not None:
+                return found
+        result = self.result
+        if result is not None and int(result.get("last", 1)) == last and "meta_acc" in result:
+            return [float(a) for a in result["meta_acc"]]
+        raise RunError(
+            f"{str(self.path)!r} has no meta-accuracy over its last {last} episodes "
+            f"(no rows in metrics.csv, nor a result.json over {last} episodes)"
+        )
 
     @property
     def trials(self) -> list[int]:
@@ -209,7 +331,7 @@ class RunDir:
     def result(self) -> dict | None:
         """``result.json`` of a finished meta-training run (None before it finished)."""
         path = self.path / RESULT
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(path) if path.exists() else None
 
     @property
     def overrides(self) -> dict[str, str]:
@@ -217,7 +339,7 @@ class RunDir:
         path = self.path / ".hydra" / "overrides.yaml"
         if not path.exists():
             return {}
-        lines = OmegaConf.to_container(OmegaConf.load(path)) or []
+        lines = read_yaml(path, list)
         return {key.lstrip("+~"): value for key, _, value in (str(line).partition("=") for line in lines)}
 
     @property
@@ -228,7 +350,7 @@ class RunDir:
     @property
     def theta_json(self) -> dict:
         path = self.path / "theta.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_json(path) if path.exists() else {}
 
     @cached_property
     def rule(self) -> Rule | None:
@@ -298,16 +420,27 @@ class RunDir:
         result = self.result
         if result is None:
             return None
-        values = np.asarray(result["theta"], dtype=float)
-        terms, trials = tuple(map(int, result["terms"])), tuple(map(int, result["trials"]))
+        try:
+            values = np.asarray(result["theta"], dtype=float)
+            terms, trials = tuple(map(int, result["terms"])), tuple(map(int, result["trials"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise RunError(f"{str(self.path / RESULT)!r} has no readable Θ: {_why(error)}") from None
+        if values.ndim not in (2, 3) or values.shape[0] != len(trials) or values.shape[-1] != len(terms):
+            raise RunError(
+                f"{str(self.path / RESULT)!r}: Θ of shape {values.shape} does not match its "
+                f"{len(trials)} trials and {len(terms)} terms"
+            )
         return FinalTheta(terms, trials, values, "result", str(result.get("theta_share", self.share)))
 
     def _final_from_checkpoint(self) -> FinalTheta | None:
         checkpoint = self.path / "checkpoints" / "last.ckpt"
         if not checkpoint.exists():
             return None
-        state = load_checkpoint(checkpoint)
-        theta = state["state_dict"].get("meta.theta")
+        try:
+            state = load_checkpoint(checkpoint)
+            theta = state["state_dict"].get("meta.theta")
+        except (CheckpointError, OSError, KeyError, TypeError, AttributeError) as error:
+            raise RunError(f"{str(checkpoint)!r} cannot be read as a checkpoint: {_why(error)}") from None
         if theta is None:  # Θ per synapse: a list of tensors (the CSV has its means per layer)
             return None
         first = int((state.get("hyper_parameters") or {}).get("meta", {}).get("first_trial", 0))

@@ -2,22 +2,24 @@
 
 Collects every finished job (with ``result.json``) under the given Hydra (multi)run directories
 into ``sweep.csv`` / ``sweep.md`` (one row per configuration, seeds and trials pooled: mean final
-meta-accuracy with the papers' 98 % bootstrap CI, :func:`metaplast.analysis.stats.bootstrap_ci`;
-mean final Θ; surviving terms, |θ_r| > threshold) and plots λ against accuracy and against the
-number of surviving terms, one line per rule.
+meta-accuracy — per trial the mean over its last N episodes,
+:func:`metaplast.analysis.results.final_accuracy`, as in ``result.json`` and the optuna objective —
+with the papers' 98 % bootstrap CI, :func:`metaplast.analysis.stats.bootstrap_ci`; mean final Θ
+after the last Adam step; surviving terms, |θ_r| > threshold) and plots λ against accuracy and
+against the number of surviving terms, one line per rule.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
 import pandas as pd
 
-from metaplast.analysis.results import RESULT, surviving_terms
+from metaplast.analysis.results import RESULT, accuracy_summary, check_last, surviving_terms
 from metaplast.analysis.rundir import RunDir, RunError, hydra_jobs, theta_term
-from metaplast.analysis.stats import bootstrap_ci
 from metaplast.safety import save_figure, write_text
 
 log = logging.getLogger("metaplast")
@@ -27,44 +29,81 @@ POOLED = ("seed", "meta.first_trial")
 DERIVED = ("rule", "rule.terms", "rule.per_layer", "reg.lam")
 
 
-def find_jobs(directories) -> list[RunDir]:
+class SweepError(ValueError):
+    """Sweep directories or options that cannot be used; the message names them."""
+
+
+def find_jobs(directories) -> list[Path]:
     """Job directories (those with ``.hydra/overrides.yaml``) under each given directory, in order."""
     try:
-        return [job for directory in directories for job in hydra_jobs(directory)]
+        return [job.path for directory in directories for job in hydra_jobs(directory)]
     except RunError as error:
-        raise SystemExit(f"metaplast.sweep: error: {error}") from None
+        raise SweepError(str(error)) from None
 
 
-def collect(directories) -> tuple[pd.DataFrame, list[Path]]:
-    """One row per finished job and trial (overrides, rule, λ, seed, accuracy, Θ), and the unfinished jobs."""
-    rows, unfinished = [], []
-    for job in find_jobs(directories):
-        result = job.result
-        if result is None:
-            unfinished.append(job.path)
+def _job_rows(path: Path, last: int | None) -> list[dict] | None:
+    """The rows of one job (None when unfinished); :class:`RunError` when it cannot be read."""
+    job = RunDir(path)
+    result = job.result
+    if result is None:
+        return None
+    final = job.final(sources=("result",))
+    accuracy = job.final_accuracy(last)
+    if len(accuracy) != len(final.trials):
+        raise RunError(
+            f"{str(path)!r}: {len(accuracy)} trials in metrics.csv, {len(final.trials)} in {RESULT}"
+        )
+    config = job.config
+    reg = config.get("reg") or {}
+    threshold = (config.get("objective") or {}).get("survive_threshold", 1e-3)
+    way = (config.get("meta") or {}).get("M")
+    rows = []
+    for index, trial in enumerate(final.trials):
+        row = {"job": str(job.path), **{f"override:{k}": v for k, v in job.overrides.items()}}
+        row.update(
+            rule=job.rule_label,
+            lam=float(reg.get("lam", 0.0)) if str(reg.get("kind", "none")) != "none" else 0.0,
+            seed=int(config.get("seed", 0)),
+            trial=int(trial),
+            threshold=float(threshold),
+            last=job.last if last is None else last,
+            chance=1 / way if isinstance(way, int) and way > 0 else float("nan"),
+            acc=accuracy[index],
+        )
+        row.update(final.columns(final.values[index]))
+        rows.append(row)
+    return rows
+
+
+def collect(directories, last: int | None = None) -> tuple[pd.DataFrame, list[Path]]:
+    """One row per finished job and trial (overrides, rule, λ, seed, final accuracy over the last
+    ``last`` episodes — default each job's ``objective.last`` —, Θ), and the jobs left out:
+    unfinished ones and those that cannot be read (each logged with its reason)."""
+    rows, left_out = [], []
+    for path in find_jobs(directories):
+        try:
+            found = _job_rows(path, last)
+        except (RunError, ValueError, TypeError, KeyError) as error:
+            log.warning("skipped job %s: %s", path, " ".join(str(error).split()))
+            left_out.append(path)
             continue
-        final = job.final(sources=("result",))
-        config = job.config
-        reg = config.get("reg") or {}
-        threshold = (config.get("objective") or {}).get("survive_threshold", 1e-3)
-        for index, trial in enumerate(final.trials):
-            row = {"job": str(job.path), **{f"override:{k}": v for k, v in job.overrides.items()}}
-            row.update(
-                rule=job.rule_label,
-                lam=float(reg.get("lam", 0.0)) if str(reg.get("kind", "none")) != "none" else 0.0,
-                seed=int(config.get("seed", 0)),
-                trial=int(trial),
-                threshold=float(threshold),
-                acc=result["meta_acc"][index],
-            )
-            row.update(final.columns(final.values[index]))
-            rows.append(row)
-    return pd.DataFrame(rows), unfinished
+        if found is None:
+            log.warning("skipped unfinished job %s (no %s)", path, RESULT)
+            left_out.append(path)
+            continue
+        rows.extend(found)
+    return pd.DataFrame(rows), left_out
 
 
 def _theta_order(column: str) -> tuple:
     """Θ columns shared by all layers by term id, then per-layer ones by layer and term id."""
     return column.startswith("theta_layer"), [int(n) for n in re.findall(r"\d+", column)]
+
+
+def _one(values: pd.Series):
+    """The value all rows share, else NaN (``mixed``)."""
+    distinct = values.dropna().unique()
+    return distinct[0] if len(distinct) == 1 else float("nan")
 
 
 def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
@@ -79,8 +118,7 @@ def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFr
     theta_columns = sorted((c for c in trials.columns if theta_term(c) is not None), key=_theta_order)
     table = []
     for values, group in trials.fillna({c: "" for c in varying}).groupby(keys, sort=False):
-        accuracy = group["acc"].dropna()  # diverged trials have none
-        low, high = bootstrap_ci(accuracy) if len(accuracy) else (float("nan"), float("nan"))
+        mean, low, high, _ = accuracy_summary(group["acc"])  # diverged trials have none
         mean_theta = {c: group[c].mean() for c in theta_columns if group[c].notna().all()}
         limit = threshold if threshold is not None else group["threshold"].max()
         alive = sorted(set(surviving_terms(mean_theta.values(), [theta_term(c) for c in mean_theta], limit)))
@@ -88,12 +126,14 @@ def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFr
         row.update(
             jobs=group["job"].nunique(),
             trials=len(group),
-            acc=accuracy.mean(),
+            acc=mean,
             acc_lo=low,
             acc_hi=high,
             **mean_theta,
             surviving=len(alive),
             surviving_terms=" ".join(str(r) for r in alive),
+            last=_one(group["last"]),
+            chance=_one(group["chance"]),
         )
         table.append(row)
     columns = [c.removeprefix("override:") for c in keys]
@@ -101,7 +141,9 @@ def aggregate(trials: pd.DataFrame, threshold: float | None = None) -> pd.DataFr
 
 
 def markdown(table: pd.DataFrame) -> str:
-    shown = table.copy()
+    """The table in Markdown, with a note saying what each number is."""
+    lasts = sorted({int(n) for n in table.get("last", pd.Series(dtype=float)).dropna()})
+    shown = table.drop(columns=[c for c in ("last", "chance") if c in table])
     shown["acc (98% CI)"] = [
         f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(shown.acc, shown.acc_lo, shown.acc_hi)
     ]
@@ -113,7 +155,13 @@ def markdown(table: pd.DataFrame) -> str:
     ]
     shown = shown[order].rename(columns={c: f"θ_{c.removeprefix('theta_')}" for c in order if "theta_" in c})
     shown = shown.astype(object).where(shown.notna(), None)  # a term a rule lacks: an empty cell
-    return shown.to_markdown(index=False, floatfmt=".3g", missingval="") + "\n"
+    over = f" over its last {', '.join(map(str, lasts))} episodes" if lasts else ""
+    note = (
+        f"\nacc: final meta-accuracy (per trial the mean{over}, as in result.json), mean over the "
+        "trials of all seeds with a 98 % bootstrap CI; θ: final Θ after the last Adam step, mean over "
+        "trials; surviving: |mean θ_r| above the threshold.\n"
+    )
+    return shown.to_markdown(index=False, floatfmt=".3g", missingval="") + "\n" + note
 
 
 def plot(table: pd.DataFrame, out: Path) -> list[Path]:
@@ -124,25 +172,35 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    sns.set_theme(style="whitegrid", context="notebook")
     extra = list(table.columns[: table.columns.get_loc("rule")])  # the other varying overrides
     data = table.assign(setting=table[extra].astype(str).agg(", ".join, axis=1) if extra else "")
     style = "setting" if extra else None
     paths = []
+    lasts = sorted({int(n) for n in table["last"].dropna()}) if "last" in table else []
+    accuracy = "final meta-accuracy" + (
+        f"\n(last {', '.join(map(str, lasts))} episodes per trial)" if lasts else ""
+    )
     for y, label, name in (
-        ("acc", "final meta-accuracy", "lambda_accuracy"),
+        ("acc", accuracy, "lambda_accuracy"),
         ("surviving", "surviving terms", "lambda_surviving"),
     ):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
         sns.lineplot(data=data, x="lam", y=y, hue="rule", style=style, marker="o", errorbar=None, ax=ax)
         if y == "acc":
             palette = dict(zip(data["rule"].unique(), sns.color_palette(n_colors=data["rule"].nunique())))
             for (rule, _), line in data.groupby(["rule", "setting"], sort=False):
                 ax.fill_between(line["lam"], line["acc_lo"], line["acc_hi"], color=palette[rule], alpha=0.2)
+            chances = sorted({float(c) for c in data.get("chance", pd.Series(dtype=float)).dropna()})
+            for value in chances:
+                ax.axhline(value, ls="--", lw=1, color="0.35", label=f"chance (1/{round(1 / value)})")
+            ax.legend(fontsize=9)
         positive = data.loc[data["lam"] > 0, "lam"]
         if len(positive):
             ax.set_xscale("symlog", linthresh=float(positive.min()))
             ax.set_xlim(left=float(data["lam"].min()))  # no empty negative λ range
-        ax.set(xlabel="λ", ylabel=label)
+        ax.set(xlabel=r"$\lambda$ (symlog)" if len(positive) else r"$\lambda$", ylabel=label)
+        ax.set_title("98 % bootstrap CI over trials (seeds pooled)" if y == "acc" else "", fontsize=10)
         fig.tight_layout()
         paths.append(out / f"{name}.png")
         save_figure(fig, paths[-1], dpi=120)
@@ -150,14 +208,27 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-def report(directories, out: Path, threshold: float | None = None) -> pd.DataFrame:
-    """Write ``trials.csv``, ``sweep.csv``, ``sweep.md`` and the two plots into ``out``; return the table."""
-    trials, unfinished = collect(directories)
-    for job in unfinished:
-        log.warning("skipped unfinished job %s (no %s)", job, RESULT)
+def check_threshold(threshold) -> float | None:
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise SweepError(f"--threshold={threshold} is not allowed; allowed: a number >= 0")
+    return threshold
+
+
+def report(directories, out: Path, threshold: float | None = None, last: int | None = None) -> pd.DataFrame:
+    """Write ``trials.csv``, ``sweep.csv``, ``sweep.md`` and the two plots into ``out``; return the table.
+
+    ``last``: episodes per trial of the final accuracy (default: each job's ``objective.last``)."""
+    check_threshold(threshold)
+    if last is not None:
+        try:
+            check_last(last)
+        except ValueError as error:
+            raise SweepError(str(error)) from None
+    trials, left_out = collect(directories, last)
     if trials.empty:
-        raise SystemExit(
-            f"metaplast.sweep: error: no finished job (with {RESULT}) under {list(map(str, directories))}"
+        raise SweepError(
+            f"no finished, readable job (with {RESULT}) under {', '.join(map(str, directories))}"
+            + (f" ({len(left_out)} left out, see the warnings)" if left_out else "")
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
