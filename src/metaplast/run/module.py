@@ -241,15 +241,17 @@ class MetaPlasticity(L.LightningModule):
             self.anchored |= finite.cpu()
         self.diverged_streak = [n + 1 if d else 0 for n, d in zip(self.diverged_streak, diverged.tolist())]
         self._episode = (episode, flag_diverged(record, diverged), diverged.cpu())
+        # The table gets the episode now, before the checkpoint callbacks of this step (they run
+        # before on_train_batch_end), so a checkpoint of episode n holds the rows of 0..n-1.
+        self.table.append(episode, self.trial_ids, self._episode[1])
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        """Log and write the episode; stop when a trial diverged ``max_diverged`` times in a row."""
+        """Log the episode; stop when a trial diverged ``max_diverged`` times in a row."""
         episode, record, diverged = self._episode
         self.log_dict(logged_scalars(record, self.trial_ids), on_step=True, on_epoch=False, batch_size=1)
         if "meta/acc" in record and not diverged.all():
             acc = record["meta/acc"][~diverged].mean().item()
             self.log("acc", acc, prog_bar=True, logger=False, batch_size=1)
-        self.table.append(episode, self.trial_ids, record)
         limit = self.cfg.meta.max_diverged
         for index, (trial, streak) in enumerate(zip(self.trial_ids, self.diverged_streak)):
             if streak >= limit:
