@@ -38,7 +38,7 @@ def test_report_final_theta_is_result_json_theta_then_checkpoint_then_csv(make_c
     assert table["term"].tolist() == [0, 2, 9]
     assert table["mean"].tolist() == [expected[r] for r in (0, 2, 9)]  # the same numbers, bit for bit
     assert set(table["source"]) == {"result.json"}
-    assert rules == f"bio FA: {rule_equation(expected)}\n"
+    assert rules.splitlines()[0] == f"bio FA: {rule_equation(expected)}"
     # The CSV's last rows hold the Θ the last episode ran with, one Adam step (lr 1e-3) before.
     metrics = pd.read_csv(run_dir / "metrics.csv")
     before = metrics[metrics["episode"] == metrics["episode"].max()][["theta_0", "theta_2", "theta_9"]].mean()
@@ -144,3 +144,47 @@ def test_rescoring_keeps_what_else_result_json_holds():
     again = results.rescore(result, 1e-4, None)
     assert again["surviving_terms"] == [0, 2] and result["surviving_terms"] == [0]
     assert (again["theta_share"], again["term_scale"]) == ("layer", {"0": 1.0, "2": 45.0})
+
+
+def test_result_json_report_sweep_and_objective_agree_on_the_final_accuracy_and_theta(make_cfg, tmp_path):
+    """One definition each: the final accuracy (per trial the mean over the last objective.last
+    episodes) and the final Θ (after the last Adam step) are the same numbers everywhere."""
+    sweep_dir = tmp_path / "multirun"
+    job = sweep_dir / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
+    overrides = ["rule=bio", "meta.episodes=6", "objective.last=4"]
+    cfg = make_cfg(*overrides)
+    OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    train(cfg, job)
+    result = json.loads((job / "result.json").read_text())
+    metrics = pd.read_csv(job / "metrics.csv")
+    per_trial = metrics[metrics["episode"] >= 2].groupby("trial")["meta_acc"].mean()
+    assert result["last"] == 4 and result["meta_acc"] == pytest.approx(per_trial.tolist(), rel=1e-12)
+    assert result["final_meta_acc"] == pytest.approx(per_trial.mean(), rel=1e-12)
+    assert result["objective"] == result["final_meta_acc"]
+    assert RunDir(job).final_accuracy() == result["meta_acc"]
+
+    out = tmp_path / "report"
+    report.main([str(sweep_dir), "--out", str(out)])
+    summary = pd.read_csv(out / "summary.csv", float_precision="round_trip")
+    assert summary.loc[0, "last"] == 4
+    assert summary.loc[0, "meta_acc"] == result["final_meta_acc"]
+    assert [summary.loc[0, "meta_acc_low"], summary.loc[0, "meta_acc_high"]] == result["final_meta_acc_ci"]
+    table = pd.read_csv(out / "sweep" / "sweep.csv", float_precision="round_trip")
+    assert table.loc[0, "acc"] == result["final_meta_acc"] and table.loc[0, "last"] == 4
+    assert [table.loc[0, "acc_lo"], table.loc[0, "acc_hi"]] == result["final_meta_acc_ci"]
+    theta = pd.read_csv(out / "theta_final.csv", float_precision="round_trip")
+    assert theta["mean"].tolist() == [result["theta_mean"][str(r)] for r in (0, 2, 9)]
+    checkpoint = RunDir(job).final(("checkpoint",))
+    assert checkpoint.values.tolist() == result["theta"]  # last.ckpt holds the same Θ
+
+    # Without metrics.csv the callback averages the episodes it saw: the same numbers.
+    no_csv = tmp_path / "no_csv"
+    no_csv.mkdir()
+    train(make_cfg(*overrides, "logger.csv=false"), no_csv)
+    assert not (no_csv / "metrics.csv").exists()
+    again = json.loads((no_csv / "result.json").read_text())
+    assert again["meta_acc"] == pytest.approx(result["meta_acc"], rel=1e-12)
+    assert again["theta"] == result["theta"]

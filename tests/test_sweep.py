@@ -240,9 +240,13 @@ def test_aggregation_of_known_jobs(make_cfg, tmp_path):
         assert (out / name).stat().st_size > 1000
 
 
-def test_aggregation_cli_names_a_directory_without_jobs(tmp_path):
-    with pytest.raises(SystemExit, match=f"no Hydra job directory \\(with .hydra/\\) under {tmp_path}"):
+def test_aggregation_cli_names_a_directory_without_jobs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         sweep.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"metaplast.sweep: error: no Hydra job directory (with .hydra/) under {tmp_path}\n"
+    )
 
 
 def test_report_command_adds_the_sweep_table_for_a_multirun_directory(make_cfg, tmp_path):
@@ -268,10 +272,22 @@ def test_report_command_adds_the_sweep_table_for_a_multirun_directory(make_cfg, 
         assert row.theta_2 == pytest.approx(result["theta_mean"]["2"])
 
 
-def test_a_diverged_trial_has_no_final_accuracy_and_is_left_out_of_the_mean(tmp_path):
+def test_the_final_accuracy_is_each_trials_mean_over_its_last_n_episodes(tmp_path):
     path = tmp_path / "metrics.csv"
-    path.write_text("episode,trial,meta_acc\n0,0,0.5\n0,1,0.5\n1,0,0.25\n1,1,\n")
-    accuracy = results.final_accuracy(path, [0, 1])
-    assert accuracy[0] == 0.25 and np.isnan(accuracy[1])
-    result = results.job_result([[1e-2, 0.0], [2e-2, 0.0]], [0, 2], [0, 1], accuracy, 1e-3, None)
-    assert result["final_meta_acc"] == 0.25 and result["surviving_terms"] == [0]
+    path.write_text(
+        "episode,trial,meta_acc\n0,0,0.5\n0,1,0.5\n1,0,0.25\n1,1,\n2,0,0.75\n2,1,\n3,0,0.5\n3,1,\n"
+    )
+    assert results.final_accuracy(path, [0, 1], last=2) == [0.625, pytest.approx(np.nan, nan_ok=True)]
+    assert results.final_accuracy(path, [0, 1], last=4) == [0.5, 0.5]  # a diverged episode is left out
+    last = results.final_accuracy(path, [0, 1], last=1)
+    assert last[0] == 0.5 and np.isnan(last[1])  # diverged in every one of its last episodes: none
+    result = results.job_result([[1e-2, 0.0], [2e-2, 0.0]], [0, 2], [0, 1], last, 1e-3, None, last=1)
+    assert result["final_meta_acc"] == 0.5 and result["surviving_terms"] == [0]  # left out of the mean
+    assert result["last"] == 1 and result["final_meta_acc_ci"] == [0.5, 0.5]
+    assert results.final_accuracy(tmp_path / "none.csv", [0]) is None
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(ValueError, match="is not allowed; allowed: an integer >= 1"):
+            results.final_accuracy(path, [0], last=bad)
+    # rescoring keeps the accuracies and says over how many episodes they were (1 before "last" existed)
+    old = {k: v for k, v in result.items() if k != "last"}
+    assert results.rescore(old, 1e-3, None)["last"] == 1
