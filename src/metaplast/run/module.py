@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
 from metaplast.core.inner_loop import inner_loop
+from metaplast.core.learner import State
 from metaplast.core.meta import MetaParameters, regulariser
 from metaplast.core.metrics import episode_metrics
 from metaplast.data import LabelledImages, TaskSampler, stack_tasks, stream_seed, trial_generators
@@ -168,6 +169,9 @@ class MetaPlasticity(L.LightningModule):
         for value in [*adapted.weights, *adapted.feedback, *metrics.values()]:
             finite &= value.detach().reshape(len(finite), -1).isfinite().all(1)
         self._episode = (self.global_step, record, finite)  # logged in on_train_batch_end
+        self._growth = growth_gradients(
+            self.learner, state, meta, list(self.meta.parameters()), x_train, y_train, cfg.meta.batch, ~finite
+        )
         return torch.where(finite, loss, torch.zeros_like(loss)).sum()
 
     # --- per-term step scaling: Adam on s_r θ_r (metaplast.core.meta) ---
@@ -197,32 +201,45 @@ class MetaPlasticity(L.LightningModule):
             return
         state = getattr(optimizer, "optimizer", optimizer).state
         b2 = optimizer.param_groups[0]["betas"][1]
+        thetas = self.meta.groups()["theta"]
         with torch.no_grad():
-            for p, anchor in zip(params, self.anchor):
-                anchor = anchor.to(p)
-                if self.term_scale is not None and any(p is t for t in self.meta.groups()["theta"]):
-                    anchor = anchor * self.term_scale.to(p)  # into Adam's φ = s θ
+            for p, anchor, growth in zip(params, self.anchor, self._growth):
+                if self.term_scale is not None and any(p is t for t in thetas):
+                    scale = self.term_scale.to(p)
+                    anchor, growth = anchor.to(p) * scale, growth / scale  # into Adam's φ = s θ
+                toward_anchor = torch.sign(p - anchor.to(p))  # when the growth says nothing
+                direction = torch.where(
+                    growth.abs().sum(tuple(range(1, p.dim())), keepdim=True) > 0, growth, toward_anchor
+                )
                 moments = state.get(p, {})
+                rows = direction[diverged].reshape(int(diverged.sum()), -1)
+                rows = rows / rows.abs().amax(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+                unit = rows / rows.pow(2).mean(1, keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
                 if "exp_avg_sq" in moments and int(moments["step"]) > 0:
-                    size = (moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))).sqrt()[diverged]
-                else:
-                    size = torch.ones_like(p[diverged])
+                    v_hat = moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))
+                    unit = (
+                        unit
+                        * v_hat[diverged].reshape(len(unit), -1).sqrt().pow(2).mean(1, keepdim=True).sqrt()
+                    )
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad[diverged] = size * torch.sign(p[diverged] - anchor[diverged])
+                p.grad[diverged] = unit.reshape(p[diverged].shape)
 
     # --- divergence: the optimiser learns from it ---
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """Adam's step; a diverged trial steps back and its Adam state learns the direction.
+        """Adam's step; a diverged trial steps back, and Adam learns which way the blow-up was.
 
-        A trial whose episode diverged with meta-parameters P gets the gradient of a bounded
-        surrogate loss instead of the meta-loss: ``S(P) = Σ_i √v̂_i |P_i - P_a,i|``, where P_a are
-        its meta-parameters of its last finite episode (0 before any: the rule that changes
-        nothing) and v̂ Adam's second moment — a gradient on the scale of its recent gradients
-        that points from the P that diverged back to P_a. Adam takes its step with it, so its
-        momentum turns away from the direction that led to the blow-up; and the trial moves to
-        ``P_a + ρ (P - P_a)`` (ρ = ``meta.backtrack``), so it neither re-runs the P that diverged
-        nor loses its progress, and consecutive divergences shrink the distance geometrically.
+        A trial whose episode diverged with meta-parameters P gets, instead of the meta-loss's
+        (non-finite) gradient, the gradient of a bounded surrogate: the growth of its weights,
+        ``S(P) = log Σ_ℓ ‖W_ℓ‖²`` at the last step of the same episode whose weights were all
+        finite (:func:`growth_gradients`), rescaled to the size of its recent gradients (Adam's
+        √v̂). Its descent direction is the one that slows the blow-up, term by term, so Adam's
+        momentum learns to keep away from it. (Where S is flat — a divergence at the very first
+        step — the direction is back towards P_a.) The trial's position moves to
+        ``P_a + ρ (P - P_a)``, P_a its meta-parameters in its last finite episode (0 before any:
+        the rule that changes nothing), ρ = ``meta.backtrack``: it neither re-runs the P that
+        diverged nor loses its progress, and consecutive divergences shrink the distance
+        geometrically.
         """
         params = list(self.meta.parameters())
         values = [p.detach().clone() for p in params]
@@ -458,3 +475,57 @@ def check_checkpoint(module: MetaPlasticity, checkpoint: dict, path, episodes: i
                     f"its Adam {name} of parameter {index} has shape {tuple(moment.shape)}",
                     "this run's shapes",
                 )
+
+
+def _trial(value, index: int):
+    """One trial's slice of a meta-parameter (a tensor, a list of them, or a dict of them)."""
+    if isinstance(value, dict):
+        return {k: _trial(v, index) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_trial(v, index) for v in value]
+    return value[index : index + 1]
+
+
+def log_sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``log Σ ‖t‖²`` without overflow (each tensor scaled by its largest entry first)."""
+    logs = []
+    for t in tensors:
+        top = t.detach().abs().max().clamp_min(torch.finfo(t.dtype).tiny)
+        logs.append(2 * torch.log(top) + torch.log((t / top).pow(2).sum()))
+    return torch.logsumexp(torch.stack(logs), 0)
+
+
+def growth_gradients(learner, state, meta, params, x_train, y_train, batch, diverged) -> list[torch.Tensor]:
+    """For each diverged trial, ``∂S/∂P`` of ``S = log Σ_ℓ ‖W_ℓ‖²`` at the last inner step whose
+    weights are all finite (zeros for the other trials): which way each meta-parameter drives
+    the growth that ended in the blow-up. Rows of ``params``' shapes; one extra pass of the
+    episode per diverged trial (finding the step without gradient, then differentiating)."""
+    grads = [torch.zeros_like(p) for p in params]
+    steps = -(-x_train.shape[1] // batch)
+    for index in diverged.nonzero().flatten().tolist():
+        sub = State(
+            [w[index : index + 1] for w in state.weights],
+            [b[index : index + 1] for b in state.feedback],
+            [b[index : index + 1] for b in state.biases],
+        )
+        sub_meta = {k: _trial(v, index) for k, v in meta.items()}
+        chunk = lambda t, i, index=index: t[index : index + 1, i * batch : (i + 1) * batch]  # noqa: E731
+        finite_steps, probe = 0, sub
+        with torch.no_grad():
+            for i in range(steps):
+                probe = learner.step(probe, sub_meta, chunk(x_train, i), chunk(y_train, i))
+                if not all(w.isfinite().all() for w in probe.weights):
+                    break
+                finite_steps = i + 1
+        if finite_steps == 0:
+            continue
+        with torch.enable_grad():
+            grown = sub
+            for i in range(finite_steps):
+                grown = learner.step(grown, sub_meta, chunk(x_train, i), chunk(y_train, i))
+            growth = log_sum_squares(grown.weights)
+            found = torch.autograd.grad(growth, params, allow_unused=True)
+        for grad, g in zip(grads, found):
+            if g is not None and g.isfinite().all():
+                grad[index] = g[index]
+    return grads
