@@ -252,17 +252,21 @@ def theta_init_row(cfg, rule: Rule) -> list[float]:
     return [cfg.rule.theta0_init if r == 0 else cfg.rule.theta_init for r in rule.terms]
 
 
-def check_schema(cfg) -> None:
+def check_schema(cfg, schema: type = None) -> None:
     """Keys added with Hydra's ``+key=value`` bypass struct mode; merge into the schema to catch them."""
+    schema = schema or Config
     try:
-        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
+        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg))
     except ConfigKeyError as error:
         parent = error.full_key.rpartition(".")[0]
-        node = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else Config
+        node = OmegaConf.select(OmegaConf.structured(schema), parent) if parent else schema
         allowed = (
-            ", ".join(OmegaConf.structured(node).keys()) if parent else ", ".join(Config.__dataclass_fields__)
+            ", ".join(OmegaConf.structured(node).keys()) if parent else ", ".join(schema.__dataclass_fields__)
         )
         raise ConfigError(f"{error.full_key} is not a known key; allowed keys here: {allowed}") from None
+    except OmegaConfBaseException as error:  # a value of the wrong type added with +key=value
+        key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(error).strip().splitlines()[0]}") from None
 
 
 def typed(cfg: DictConfig) -> Config:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from metaplast.analysis.rundir import RunDir, RunError
 from metaplast.core.inner_loop import adapt
 from metaplast.core.metrics import episode_metrics
+from metaplast.core.pathways import PATHWAYS
 from metaplast.core.rules import Rule
 from metaplast.core.terms import TERMS
 from metaplast.data import DataError, trial_generators
+from metaplast.data.datasets import SPLITS
+from metaplast.run.cli import console, fail, traceback_wanted
 from metaplast.run.config import (
+    FLOAT_LIMIT,
+    INT_LIMIT,
     ConfigError,
     DatasetConfig,
     FeedbackConfig,
@@ -41,10 +46,18 @@ from metaplast.run.config import (
     RuleConfig,
     build_learner,
     build_rule,
-    hidden_sizes,
+    check_data_memory,
+    check_dataset,
+    check_feedback,
+    check_model,
+    check_rule,
+    check_schema,
+    check_seed,
+    resolve_all,
 )
 from metaplast.run.data import load_data
-from metaplast.safety import write_text
+from metaplast.run.memory import TooLarge, check_fits, online_estimate
+from metaplast.safety import CheckpointError, DirectoryLock, DivergenceError, load_checkpoint, write_text
 
 log = logging.getLogger("metaplast")
 
@@ -70,14 +83,31 @@ class EvaluateConfig:
     from_run: str | None = None  # a meta-training run directory: its rule and final Θ
     from_trial: int | None = None  # which trial's Θ of from_run; None: the mean over trials
     seed: int = 0
+    verbose: bool = False  # a failure shows its traceback (else one line, metaplast.run.cli)
 
 
 ConfigStore.instance().store(name="base_evaluate", node=EvaluateConfig)
 
 
 def theta_from_run(run_dir: str | Path, trial: int | None = None) -> tuple[Rule, dict[int, float]]:
-    """The rule and final Θ of a meta-training run (:meth:`metaplast.analysis.rundir.RunDir.final_theta`)."""
+    """The rule and final Θ of a meta-training run (:meth:`metaplast.analysis.rundir.RunDir.final_theta`).
+
+    A run directory that is missing, not a meta-training run, or whose ``last.ckpt`` is damaged or
+    holds no Θ of this run's rule is refused (:class:`ConfigError` naming ``from_run``).
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(
+            f"from_run={str(run_dir)!r} is not a directory; allowed: a meta-training run directory"
+        )
+    checkpoint = path / "checkpoints" / "last.ckpt"
     try:
+        if checkpoint.exists():
+            saved = load_checkpoint(checkpoint)
+            if not isinstance(saved.get("state_dict"), dict):
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} holds no state_dict (not a metaplast checkpoint)"
+                )
         run = RunDir(run_dir)
         rule = run.rule
         if run.kind != "meta" or rule is None:
@@ -85,36 +115,149 @@ def theta_from_run(run_dir: str | Path, trial: int | None = None) -> tuple[Rule,
         if trial is not None and trial not in run.trials:
             trials = run.trials
             raise ConfigError(f"from_trial={trial} is not allowed; allowed: {trials[0]}..{trials[-1]}")
-        return rule, run.final_theta(trial)
-    except RunError as error:
+        values = run.final_theta(trial)
+    except (RunError, CheckpointError) as error:
         raise ConfigError(f"from_run={str(run_dir)!r}: {error}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(
+            f"from_run={str(run_dir)!r}: its files cannot be read as a meta-training run "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); allowed: a run "
+            "directory written by metaplast-train"
+        ) from None
+    bad = {r: v for r, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise ConfigError(
+            f"from_run={str(run_dir)!r}: its final Θ holds non-finite values {bad}; allowed: a run whose "
+            "final Θ is finite"
+        )
+    return rule, values
 
 
 def typed_evaluate(cfg) -> EvaluateConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg))
 
 
+def _theta_overrides(theta) -> dict[int, float]:
+    """``theta`` (a mapping term id -> θ_r) as ints and finite floats; errors name the entry."""
+    if theta is None:
+        return {}
+    if OmegaConf.is_config(theta):
+        theta = OmegaConf.to_container(theta)
+    if not isinstance(theta, Mapping):
+        raise ConfigError(f"theta={theta!r} is not allowed; allowed: a mapping term id -> θ, e.g. {{0:0.01}}")
+    values = {}
+    for key, value in theta.items():
+        try:
+            term = int(key)
+            if isinstance(key, (bool, float)) or str(term) != str(key).strip():
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"theta has the key {key!r}; allowed: term ids {min(TERMS)}..{max(TERMS)}, e.g. {{0:0.01}}"
+            ) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"theta.{key}={value!r} is not allowed; allowed: a finite number")
+        if not math.isfinite(value) or abs(value) > FLOAT_LIMIT:
+            raise ConfigError(
+                f"theta.{key}={value!r} is not allowed; allowed: a finite number within float32's range "
+                f"(|x| <= {FLOAT_LIMIT:.4g})"
+            )
+        values[term] = float(value)
+    return values
+
+
 def resolve_theta(cfg, depth: int) -> tuple[Rule, torch.Tensor]:
     """The rule and the Θ row (one value per rule term) of an evaluation config."""
-    if cfg.theta is not None and not isinstance(cfg.theta, Mapping):
-        raise ConfigError(
-            f"theta={cfg.theta!r} is not allowed; allowed: a mapping term id -> θ, e.g. {{0:0.01}}"
-        )
+    overrides = _theta_overrides(cfg.theta)
     if cfg.from_run is not None:
         rule, values = theta_from_run(cfg.from_run, cfg.from_trial)
         try:
             rule = rule.with_depth(depth)
         except ValueError as error:
             raise ConfigError(f"from_run={cfg.from_run!r}: {error}; use its model (model.hidden)") from None
-        values.update({int(r): float(v) for r, v in (cfg.theta or {}).items()})
     else:
+        if cfg.from_trial is not None:
+            raise ConfigError(f"from_trial={cfg.from_trial} is not allowed without from_run; allowed: null")
         rule = build_rule(cfg)
         values = {r: (cfg.rule.theta0_init if r == 0 else cfg.rule.theta_init) for r in rule.terms}
-        values.update({int(r): float(v) for r, v in (cfg.theta or {}).items()})
+    values.update(overrides)
     bad = sorted(set(values) - set(TERMS))
     if bad:
         raise ConfigError(f"theta has term ids {bad}; allowed: term ids {min(TERMS)}..{max(TERMS)}")
     return rule, torch.tensor([values[r] for r in rule.terms])
+
+
+def validate_evaluate(cfg) -> list[int]:
+    """Every check of an evaluation config that needs no data; returns the hidden widths.
+
+    Types and keys by the schema (:class:`EvaluateConfig`), ranges like training's
+    (:func:`metaplast.run.config.validate`), and what online evaluation itself needs: Θ shared by
+    all layers, a pathway without meta-learned parts, ``online.*`` in range.
+    """
+    resolve_all(cfg)
+    check_schema(cfg, EvaluateConfig)
+    check_seed("seed", cfg.seed)
+    hidden = check_model(cfg.model)
+    check_feedback(cfg.feedback)
+    check_dataset(cfg.dataset)
+    check_rule(cfg)
+    online = cfg.online
+    for name in ("trials", "every"):
+        value = getattr(online, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT_LIMIT:
+            raise ConfigError(f"online.{name}={value} is not allowed; allowed: an integer >= 1")
+    for name in ("samples", "test_per_class"):
+        value = getattr(online, name)
+        if value is not None and (not isinstance(value, int) or not 1 <= value <= INT_LIMIT):
+            raise ConfigError(f"online.{name}={value} is not allowed; allowed: null or an integer >= 1")
+    for name in ("stream_split", "test_split"):
+        if getattr(online, name) not in SPLITS:
+            raise ConfigError(
+                f"online.{name}={getattr(online, name)!r} is not allowed; allowed: {', '.join(SPLITS)}"
+            )
+    kind = cfg.feedback.kind.value
+    if PATHWAYS[kind].rule_terms:
+        raise ConfigError(
+            f"feedback.kind={kind!r} is not allowed here; allowed: a pathway without its own rule"
+        )
+    if cfg.feedback.learn:
+        raise ConfigError(
+            "feedback.learn=True is not allowed here; allowed: false (nothing is meta-learned online)"
+        )
+    if cfg.rule.share.value != "all":
+        raise ConfigError(
+            f"rule.share={cfg.rule.share.value!r} is not allowed here; allowed: all (one Θ for every layer)"
+        )
+    if cfg.model.learn_init:
+        raise ConfigError(
+            f"model.learn_init={list(cfg.model.learn_init)} is not allowed here; allowed: null "
+            "(online evaluation learns no initial weights)"
+        )
+    if cfg.from_run is not None and not str(cfg.from_run).strip():
+        raise ConfigError("from_run='' is not allowed; allowed: null or a meta-training run directory")
+    if cfg.from_trial is not None and not 0 <= cfg.from_trial <= INT_LIMIT:
+        raise ConfigError(f"from_trial={cfg.from_trial} is not allowed; allowed: null or a trial id >= 0")
+    _theta_overrides(cfg.theta)
+    check_data_memory(cfg.dataset, splits=2)
+    _check_memory(cfg, hidden, 1, 1, 1)
+    return hidden
+
+
+def _check_memory(cfg, hidden, input_dim: int, output_dim: int, test_images: int) -> None:
+    estimate = online_estimate(
+        [input_dim, *hidden, output_dim], cfg.online.trials, test_images, cfg.online.every
+    )
+    try:
+        check_fits(
+            estimate,
+            "cpu",
+            "online evaluation",
+            "fewer online.trials, narrower layers or online.test_per_class",
+        )
+    except TooLarge as error:
+        raise ConfigError(str(error)) from None
 
 
 def _subsample_per_class(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
@@ -125,48 +268,67 @@ def _subsample_per_class(labels: torch.Tensor, per_class: int, generator: torch.
     return torch.cat(picks)
 
 
-@torch.no_grad()
+def _result(value, diverged: bool) -> float:
+    """A result cell: the value, or nan for a diverged trial (no result, flagged ``diverged = 1``)."""
+    return float("nan") if diverged else float(value)
+
+
+def _finite_trials(state, metrics) -> torch.Tensor:
+    """Per trial: whether its weights, test loss and alignment metrics are all finite."""
+    finite = metrics["loss"].isfinite()
+    for value in [*state.weights, metrics["angle"], metrics["orth"]]:
+        finite = finite & value.reshape(len(finite), -1).isfinite().all(1)
+    return finite
+
+
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
-    """The online pass; writes ``online.csv`` and ``theta.json`` under ``out_dir`` and returns the table."""
+    """The online pass; writes ``online.csv`` and ``theta.json`` under ``out_dir`` and returns the table.
+
+    A trial whose network diverges (non-finite weights or test loss) is flagged, not scored:
+    from that sample on its rows hold ``diverged = 1`` and ``nan`` results. When every trial has
+    diverged the pass stops (:class:`DivergenceError`, after writing the table).
+    """
+    hidden = validate_evaluate(cfg)
+    with DirectoryLock(out_dir, "output directory (hydra.run.dir)"):
+        return _run(cfg, Path(out_dir), hidden)
+
+
+@torch.no_grad()
+def _run(cfg: DictConfig, out_dir: Path, hidden: list[int]) -> pd.DataFrame:
     online = cfg.online
-    for name in ("trials", "every"):
-        if getattr(online, name) < 1:
-            raise ConfigError(
-                f"online.{name}={getattr(online, name)} is not allowed; allowed: an integer >= 1"
-            )
-    if online.samples is not None and online.samples < 1:
-        raise ConfigError(f"online.samples={online.samples} is not allowed; allowed: null or an integer >= 1")
-    hidden = hidden_sizes(cfg.model)
     rule, theta_row = resolve_theta(cfg, len(hidden) + 1)
     stream = load_data(cfg, online.stream_split)
     test = load_data(cfg, online.test_split)
-    learner = build_learner(typed_evaluate(cfg), stream.images.shape[1], stream.num_classes, rule)
-    trials = list(range(online.trials))
-    init_generators = trial_generators(cfg.seed, trials, 0)
-    order_generators = trial_generators(cfg.seed, trials, 1)
     length = stream.images.shape[0] if online.samples is None else online.samples
     if length > stream.images.shape[0]:
         raise ConfigError(
             f"online.samples={length} is not allowed; allowed: at most {stream.images.shape[0]}, "
             f"the size of the {online.stream_split!r} split of {cfg.dataset.name!r}"
         )
-    order = torch.stack(
-        [torch.randperm(stream.images.shape[0], generator=g)[:length] for g in order_generators]
-    )
+    if stream.images.shape[1] != test.images.shape[1]:
+        raise DataError(
+            f"the {online.stream_split!r} split has images of {stream.images.shape[1]} pixels, the "
+            f"{online.test_split!r} split of {test.images.shape[1]}; allowed: splits of one image size"
+        )
+    classes = max(stream.num_classes, test.num_classes)
     x_test, y_test = test.images, test.labels
     if online.test_per_class is not None:
         keep = _subsample_per_class(y_test, online.test_per_class, torch.Generator().manual_seed(cfg.seed))
         x_test, y_test = x_test[keep], y_test[keep]
+    _check_memory(cfg, hidden, stream.images.shape[1], classes, len(y_test))
+    learner = build_learner(typed_evaluate(cfg), stream.images.shape[1], classes, rule)
+    trials = list(range(online.trials))
+    init_generators = trial_generators(cfg.seed, trials, 0)
+    order_generators = trial_generators(cfg.seed, trials, 1)
+    order = torch.stack(
+        [torch.randperm(stream.images.shape[0], generator=g)[:length] for g in order_generators]
+    )
     T = len(trials)
     x_test = x_test.expand(T, *x_test.shape)
     y_test = y_test.expand(T, *y_test.shape)
     kind = cfg.feedback.kind.value
     state = learner.init_state(init_generators, cfg.feedback.init.value)
     meta = {"theta": theta_row.expand(T, -1)}
-    if learner.pathway.rule_terms:
-        raise ConfigError(
-            f"feedback.kind={kind!r} is not allowed here; allowed: a pathway without its own rule"
-        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(
@@ -185,20 +347,29 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     )
     rows = []
     seen = 0
+    diverged = torch.zeros(T, dtype=torch.bool)
+    diverged_at: dict[int, int] = {}
     while True:
         metrics = episode_metrics(learner, state, x_test, y_test)
-        log.info("sample %d/%d: test accuracy %.3f", seen, length, float(metrics["acc"].mean()))
+        if "acc" not in metrics:  # a loss without accuracy (mse): the output's argmax
+            output = learner.network.forward(state.weights, x_test, state.biases)[1][-1]
+            metrics["acc"] = (output.argmax(-1) == y_test).to(output.dtype).mean(1)
+        newly = ~_finite_trials(state, metrics) & ~diverged
+        for i in newly.nonzero().flatten().tolist():
+            diverged_at[trials[i]] = seen
+        diverged |= newly
+        finite = ~diverged
+        if finite.any():
+            log.info("sample %d/%d: test accuracy %.3f", seen, length, float(metrics["acc"][finite].mean()))
         for i, t in enumerate(trials):
-            row = {
-                "sample": seen,
-                "trial": t,
-                "acc": float(metrics["acc"][i]),
-                "loss": float(metrics["loss"][i]),
-            }
-            row.update({f"angle_{l}": float(a) for l, a in enumerate(metrics["angle"][i])})
-            row.update({f"orth_{l + 1}": float(e) for l, e in enumerate(metrics["orth"][i])})
+            blank = bool(diverged[i])
+            row = {"sample": seen, "trial": t}
+            row["acc"], row["loss"] = _result(metrics["acc"][i], blank), _result(metrics["loss"][i], blank)
+            row.update({f"angle_{l}": _result(a, blank) for l, a in enumerate(metrics["angle"][i])})
+            row.update({f"orth_{l + 1}": _result(e, blank) for l, e in enumerate(metrics["orth"][i])})
+            row["diverged"] = int(blank)
             rows.append(row)
-        if seen >= length:
+        if seen >= length or diverged.all():
             break
         chunk = order[:, seen : seen + online.every]
         x = stream.images[chunk]
@@ -207,19 +378,44 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         seen += chunk.shape[1]
     table = pd.DataFrame(rows)
     write_text(out_dir / "online.csv", table.to_csv(index=False, quoting=csv.QUOTE_MINIMAL))
+    if diverged_at:
+        first = min(diverged_at.values())
+        log.warning(
+            "%d of %d trials diverged (non-finite weights or test loss), the first at sample %d; "
+            "flagged in online.csv (diverged = 1), not scored",
+            len(diverged_at),
+            T,
+            first,
+        )
+    if diverged.all():
+        shown = ", ".join(f"theta_{r}={v:.6g}" for r, v in zip(rule.terms, theta_row.tolist()))
+        raise DivergenceError(
+            f"every trial diverged during online evaluation (non-finite weights or test loss), the last "
+            f"at sample {max(diverged_at.values())} of {length}; no accuracy to report; Θ: {shown} "
+            f"(feedback.kind={kind}); the rows up to it are in {out_dir / 'online.csv'}"
+        )
     return table
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
+    """Every failure is one line with exit code 2 (3: every trial diverged), unless ``verbose=true``
+    or ``HYDRA_FULL_ERROR=1`` asks for the traceback (:mod:`metaplast.run.cli`)."""
     try:
         table = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError) as error:
-        log.error("%s", error)
-        print(f"metaplast: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as error:
+        if traceback_wanted(cfg):
+            raise
+        fail(error)
     final = table[table["sample"] == table["sample"].max()]
-    print(f"final test accuracy: {final['acc'].mean():.4f} (mean over {len(final)} trials)")
+    scored = final[final["diverged"] == 0]
+    diverged = len(final) - len(scored)
+    note = f"; {diverged} diverged, flagged in online.csv" if diverged else ""
+    print(f"final test accuracy: {scored['acc'].mean():.4f} (mean over {len(scored)} trials{note})")
+
+
+#: The ``metaplast-evaluate`` console script.
+main = console(hydra_main)
 
 
 if __name__ == "__main__":
