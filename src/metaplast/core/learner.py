@@ -114,6 +114,8 @@ class Learner:
             weights[int(index)] = learned
         if meta.get("feedback") is not None:
             feedback = list(meta["feedback"])
+        if meta.get("bias") is not None:
+            return State(weights, feedback, list(meta["bias"]))
         return State(weights, feedback, [cast(b) for b in self.network.init_biases(len(generators))])
 
     def signals(self, state: State, meta: Mapping, x: Tensor, target: Tensor, products: Products):

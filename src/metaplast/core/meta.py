@@ -56,6 +56,7 @@ class MetaParameters(torch.nn.Module):
     - ``psi``: the pathway's own rule coefficients (plastic feedback), starting at ``psi_init``;
     - ``feedback``: meta-learned initial matrices of the pathway (given starting values), or none;
     - ``init``: meta-learned initial weights of chosen layers ``{layer: (T, n, m)}``, or none;
+    - ``bias``: meta-learned biases ``[(T, 1, n) per layer]`` (fixed within an episode), or none;
     - the pathway's own meta-parameters (:meth:`metaplast.core.pathways.Pathway.meta_parameters`),
       each under its own name.
     """
@@ -68,6 +69,7 @@ class MetaParameters(torch.nn.Module):
         psi_init: list[float] | None = None,
         feedback: list[Tensor] | None = None,
         init: Mapping[int, Tensor] | None = None,
+        bias: list[Tensor] | None = None,
     ):
         super().__init__()
         row = torch.tensor(theta_init, dtype=torch.get_default_dtype())
@@ -84,8 +86,9 @@ class MetaParameters(torch.nn.Module):
         self.init = torch.nn.ParameterDict(
             {str(layer): torch.nn.Parameter(w.clone()) for layer, w in (init or {}).items()}
         )
+        self.bias = torch.nn.ParameterList([torch.nn.Parameter(b.clone()) for b in bias or []])
         own = learner.pathway.meta_parameters(trials, learner.network.sizes)
-        clash = set(own) & {"theta", "psi", "feedback", "init"}
+        clash = set(own) & {"theta", "psi", "feedback", "init", "bias"}
         if clash:
             raise ValueError(f"the pathway's meta-parameters {sorted(clash)} clash with metaplast's own")
         self.extra = torch.nn.ParameterDict(
@@ -102,6 +105,8 @@ class MetaParameters(torch.nn.Module):
             groups["feedback"] = list(self.feedback)
         if len(self.init):
             groups["init"] = list(self.init.values())
+        if len(self.bias):
+            groups["bias"] = list(self.bias)
         groups.update({name: [value] for name, value in self.extra.items()})
         return groups
 
@@ -115,6 +120,8 @@ class MetaParameters(torch.nn.Module):
             meta["feedback"] = list(self.feedback)
         if len(self.init):
             meta["init"] = {int(k): v for k, v in self.init.items()}
+        if len(self.bias):
+            meta["bias"] = list(self.bias)
         meta.update(self.extra.items())
         return meta
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from metaplast.core.networks import INITIALISERS, MLP, Products
@@ -164,6 +166,41 @@ class PlasticFeedback(Pathway):
         return after, new
 
 
+class FeedbackLocalPlasticity(Pathway):
+    """FLP's feedback (Lindsey & Litwin-Kumar 2020, §3): matrices ``B_ℓ`` from the output straight to
+    each hidden layer change its activations, ``y_ℓ ← (1 - β_ℓ) y_ℓ + β_ℓ ReLU(B_ℓ s - b_ℓ)``, and the
+    output is clamped to the target; the rule (FLP's ``flp``, F^10) then sees the changed
+    activations as postsynaptic. ``s`` is the target (one-hot) for a classifier and the error
+    ``target - y_L`` for a regressor, the paper's choices. ``β_ℓ = sigmoid(β̃_ℓ)`` (in [0, 1], the
+    paper's interpolation) and the biases ``b_ℓ`` are this pathway's meta-parameters (``flp_beta``
+    holds β̃, starting at 0: β = 0.5; ``flp_bias`` the biases of all hidden layers, starting at 0);
+    ``B`` is meta-learned with ``feedback.learn=true``. The teaching signals (used by the metrics
+    only) are DFA's through the same B."""
+
+    direct = True
+
+    def meta_parameters(self, trials: int, sizes) -> dict[str, Tensor]:
+        hidden = list(sizes[1:-1])
+        return {"flp_beta": torch.zeros(trials, len(hidden)), "flp_bias": torch.zeros(trials, sum(hidden))}
+
+    def feedback_activations(self, ys, zs, target, feedback, meta) -> list[Tensor]:
+        out = ys[-1]
+        if target.dtype in (torch.int64, torch.int32):
+            clamp = F.one_hot(target, out.shape[-1]).to(out.dtype)
+            signal = clamp
+        else:
+            clamp, signal = target, target - out
+        beta = torch.sigmoid(meta["flp_beta"])
+        biases = torch.split(meta["flp_bias"], [y.shape[-1] for y in ys[1:-1]], dim=1)
+        post = [ys[0]]
+        for layer, (y, bias) in enumerate(zip(ys[1:-1], biases), start=1):
+            drive = torch.relu(signal @ feedback[layer].transpose(-1, -2) - bias[:, None, :])
+            b = beta[:, layer - 1, None, None]
+            post.append((1 - b) * y + b * drive)
+        post.append(clamp)
+        return post
+
+
 #: name -> factory of the pathway (``feedback.kind``).
 PATHWAYS = {
     "bp": Backprop,
@@ -172,6 +209,7 @@ PATHWAYS = {
     "sign": SignSymmetric,
     "kolen_pollack": KolenPollack,
     "plastic": PlasticFeedback,
+    "flp": FeedbackLocalPlasticity,
 }
 
 

@@ -7,13 +7,17 @@ from dataclasses import dataclass
 
 from metaplast.core.terms import TERM_IDS, TERMS
 
-#: Named rules: Eq. 4 (f0), Eq. 5 (pool), Eq. 7 (bio), Eq. 8 (ehebb), Eq. 10 (oja). One line each.
+#: Named rules: Eq. 4 (f0), Eq. 5 (pool), Eq. 7 (bio), Eq. 8 (ehebb), Eq. 10 (oja); FLP's local
+#: rule (flp, Lindsey & Litwin-Kumar 2020); ``none``: a frozen layer (per-layer rules only). One
+#: line each.
 NAMED_RULES: dict[str, tuple[int, ...]] = {
     "f0": (0,),
     "pool": TERM_IDS,
     "bio": (0, 2, 9),
     "ehebb": (0, 2),
     "oja": (0, 9),
+    "flp": (10,),
+    "none": (),
 }
 
 
@@ -59,6 +63,8 @@ class Rule:
         """One rule shared by all ``depth`` layers, or one rule per layer (Table 1)."""
         if per_layer is None:
             terms = resolve_rule(spec)
+            if not terms:
+                raise ValueError(f"rule {spec!r} has no terms: a whole frozen network learns nothing")
             return cls(terms, (terms,) * depth)
         if len(per_layer) != depth:
             raise ValueError(
@@ -66,7 +72,12 @@ class Rule:
                 f"give one rule per layer"
             )
         layer_terms = tuple(resolve_rule(s) for s in per_layer)
-        return cls(tuple(sorted(set().union(*layer_terms))), layer_terms)
+        terms = tuple(sorted(set().union(*layer_terms)))
+        if not terms:
+            raise ValueError(
+                "rule.per_layer makes every layer frozen ('none'); give at least one plastic layer"
+            )
+        return cls(terms, layer_terms)
 
     @property
     def label(self) -> str:
