@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import resource
 import subprocess
 import sys
 import time
 from math import nan
+from pathlib import Path
 
 import torch
 
@@ -295,8 +298,82 @@ def format_row(row: dict) -> str:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``metaplast: error: ...``, with exit code 2."""
+
+    def error(self, message):
+        print(f"metaplast: error: {message} (see python -m metaplast.bench --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _device_problem(device: str) -> str | None:
+    """Why ``--device`` cannot be used here, or None."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device; allowed: cpu, cuda, cuda:<index>"
+    if parsed.type == "cpu":
+        return None
+    if parsed.type != "cuda":
+        return f"--device {device!r} is not allowed; allowed: cpu, cuda, cuda:<index>"
+    if not torch.cuda.is_available():
+        return f"--device {device!r} needs CUDA, which this machine does not have; allowed: cpu"
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s); allowed: cuda:0.."
+    return None
+
+
+def check_args(args) -> str | None:
+    """Every value of the command line in range, the output writable, each episode within memory;
+    returns what is wrong (one line naming the value and what is allowed), or None."""
+    from metaplast.core.rules import resolve_rule
+    from metaplast.run.memory import TooLarge, check_fits, episode_estimate
+
+    limit = 2**31 - 1
+    if len(args.sizes) < 2 or any(not 1 <= n <= limit for n in args.sizes):
+        return f"--sizes {' '.join(map(str, args.sizes))} is not allowed; allowed: two or more widths >= 1"
+    for name, values, low in (("--trials", args.trials, 1), ("--recompute", args.recompute, 0)):
+        bad = [v for v in values if not low <= v <= limit]
+        if bad:
+            return f"{name} {bad[0]} is not allowed; allowed: integers >= {low}"
+    for name, low in (("steps", 1), ("query", 1), ("baseline_trials", 1), ("threads", 1), ("profile", 0)):
+        value = getattr(args, name)
+        if not low <= value <= limit:
+            return f"--{name.replace('_', '-')} {value} is not allowed; allowed: an integer >= {low}"
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        return f"--tolerance {args.tolerance} is not allowed; allowed: a finite number >= 0"
+    for rule in args.rule:
+        try:
+            resolve_rule(rule)
+        except ValueError as error:
+            return f"--rule {rule!r}: {error}"
+    problem = _device_problem(args.device)
+    if problem:
+        return problem
+    if args.json and args.json != "-":
+        path = Path(args.json)
+        if path.is_dir():
+            return f"--json {args.json!r} is a directory; allowed: a file path ('-': stdout)"
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            return (
+                f"--json {args.json!r}: {str(parent)!r} is not a writable directory; allowed: a writable path"
+            )
+    element = 8 if args.dtype == "float64" else 4
+    for trials in args.trials:
+        for segment in args.recompute:
+            estimate = episode_estimate(args.sizes, trials, args.steps, args.query, "fused", segment, element)
+            try:
+                check_fits(
+                    estimate, args.device, "a benchmark episode", "fewer --trials, smaller --sizes/--steps"
+                )
+            except TooLarge as error:
+                return str(error)
+    return None
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m metaplast.bench", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m metaplast.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=PAPER_SIZES, help="layer widths")
     parser.add_argument("--rule", nargs="+", default=["f0", "bio", "pool"], help="named rules")
     parser.add_argument("--feedback", choices=FEEDBACK_KINDS, default="fa")
@@ -320,14 +397,31 @@ def parse_args(argv=None):
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print a profile per row")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device!r} needs CUDA, which this machine does not have; allowed: cpu")
+    if not args.probe:
+        problem = check_args(args)
+        if problem:
+            parser.error(problem)
     return args
 
 
 def main(argv=None):
+    """The ``metaplast-bench`` command: a failure is one line with exit code 2 (``--verbose`` or
+    ``HYDRA_FULL_ERROR=1``: the traceback)."""
+    from metaplast.run.cli import describe
+
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except Exception as error:
+        if args.verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"metaplast: error: {describe(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(args):
     if args.probe:
         print(json.dumps(probe(json.loads(args.probe))))
         return
