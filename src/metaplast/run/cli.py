@@ -74,18 +74,23 @@ def describe(error: BaseException) -> str:
             parts.append(text)
         current = current.__cause__ or (current.__context__ if not current.__suppress_context__ else None)
     message = "; ".join(parts) or type(error).__name__
+    from hydra.errors import HydraException
+
     known = ("ConfigError", "DataError", "CheckpointError", "DivergenceError", "OutputError", "RunError")
-    if type(error).__name__ not in known and not any(cls.__name__ in known for cls in type(error).__mro__):
+    named = any(cls.__name__ in known for cls in type(error).__mro__)
+    if not (named or isinstance(error, (HydraException, OmegaConfBaseException))):
         message = f"{type(error).__name__}: {message} (HYDRA_FULL_ERROR=1 or verbose=true shows where)"
     return message
 
 
-def fail(error: BaseException, code: int | None = None) -> NoReturn:
-    """Log and print ``error`` as one line and exit (``code``: 3 for divergence, else 2)."""
+def fail(error: BaseException, code: int | None = None, logged: bool = True) -> NoReturn:
+    """Print ``error`` as one line (and log it, to the job's log file) and exit (``code``: 3 for
+    divergence, else 2)."""
     from metaplast.safety import DivergenceError
 
     message = describe(error)
-    log.error("%s", message)
+    if logged:
+        log.error("%s", message)
     print(f"metaplast: error: {message}", file=sys.stderr, flush=True)
     if code is None:
         code = EXIT_DIVERGED if isinstance(error, DivergenceError) else EXIT_ERROR
@@ -107,8 +112,8 @@ def console(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
         except KeyboardInterrupt:
             print("metaplast: interrupted", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
-        except Exception as error:
-            fail(error)
+        except Exception as error:  # before or around the job: no job log to write to
+            fail(error, logged=False)
         finally:
             os.environ.pop(_OURS, None)
             if previous is None:
