@@ -606,14 +606,29 @@ def _meta_sections(meta: list[RunDir], out: Path, window, burn_in, last, keep) -
     accuracy = curves_figure(
         meta, "meta_acc", "meta-accuracy", out, "meta_acc.png", window=window, title=context
     )
-    loss = curves_figure(
-        meta, "meta_loss", "meta-loss", out, "meta_loss.png", window=window, title=context, chance_line=False
-    )
+    items = [
+        ("img", accuracy, f"Meta-accuracy on the query set per episode. {context}. {band}{dashed}{small}")
+    ]
+    with_loss = [run for run in meta if "meta_loss" in run.table]
+    if with_loss:  # a table may lack it
+        loss_context = context_line(with_loss)
+        several = " One panel per run (more than three runs)." if len(with_loss) > OVERLAY_MAX else ""
+        loss = curves_figure(
+            with_loss,
+            "meta_loss",
+            "meta-loss",
+            out,
+            "meta_loss.png",
+            window=window,
+            title=loss_context,
+            chance_line=False,
+        )
+        items.append(
+            ("img", loss, f"Meta-loss on the query set per episode. {loss_context}. {band}{several}")
+        )
     summary = summary_table(meta, last)
     lasts = ", ".join(map(str, _distinct(summary["last"])))
-    items = [
-        ("img", accuracy, f"Meta-accuracy on the query set per episode. {context}. {band}{dashed}{small}"),
-        ("img", loss, f"Meta-loss on the query set per episode. {context}. {band}{small}"),
+    items += [
         _table(
             summary,
             out,
@@ -866,8 +881,8 @@ def check_out(out, inputs=()) -> Path:
         raise ReportError(
             f"--out {str(path)!r} exists and is not a directory; allowed: a new or existing directory"
         )
-    resolved = path.resolve()
-    if any(resolved == Path(p).resolve() for p in inputs):
+    resolved = os.path.realpath(path)  # (Path.resolve raises on a symlink loop)
+    if any(resolved == os.path.realpath(p) for p in inputs):
         raise ReportError(
             f"--out {str(path)!r} is one of the run directories given; allowed: another directory"
         )

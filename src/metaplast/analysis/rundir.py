@@ -38,8 +38,11 @@ class RunError(ValueError):
     """A run directory that cannot be read as asked; the message names it and what is missing."""
 
 
-#: The columns naming a row of each kind of table.
+#: The columns naming a row of each kind of table (integers in [0, KEY_LIMIT)).
 KEYS = {"meta": ("episode", "trial"), "online": ("sample", "trial")}
+KEY_LIMIT = 2**31
+#: Columns (regular expressions) whose values have a range: accuracies and angles (degrees).
+RANGES = {r"meta_acc|acc": (0.0, 1.0), r"angle_\d+": (0.0, 180.0)}
 
 
 def _why(error: Exception) -> str:
@@ -103,19 +106,29 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
         table[column] = numbers
     for column in KEYS[kind]:
         values = table[column]
-        bad = ~np.isfinite(values) | (values < 0) | (values != np.floor(values))
+        bad = ~np.isfinite(values) | (values < 0) | (values >= KEY_LIMIT) | (values != np.floor(values))
         if bad.any():
             raise RunError(
-                f"{str(path)!r}: column {column!r} holds {values[bad].iloc[0]!r} (line {bad.idxmax() + 2}); "
-                f"allowed: integers >= 0"
+                f"{str(path)!r}: column {column!r} holds {values[bad].iloc[0]:g} (line {bad.idxmax() + 2}); "
+                f"allowed: integers in [0, 2^31)"
             )
-        table[column] = values.astype(int)
+        table[column] = values.astype(np.int64)
+    for column, (low, high) in RANGES.items():
+        for name in [c for c in table.columns if re.fullmatch(column, c)]:
+            values = table[name]
+            bad = values.notna() & ~values.between(low, high)
+            if bad.any():
+                value, line = values[bad].iloc[0], bad.idxmax() + 2
+                raise RunError(
+                    f"{str(path)!r}: column {name!r} holds {value:g} (line {line}); "
+                    f"allowed: numbers in [{low:g}, {high:g}], or an empty cell (diverged)"
+                )
     duplicated = table.duplicated(list(KEYS[kind]))
     if duplicated.any():
         row = table[duplicated].iloc[0]
         raise RunError(
-            f"{str(path)!r} has more than one row for {KEYS[kind][0]} {row[KEYS[kind][0]]}, trial "
-            f"{row['trial']} (a damaged file, or two runs writing it)"
+            f"{str(path)!r} has more than one row for {KEYS[kind][0]} {int(row[KEYS[kind][0]])}, trial "
+            f"{int(row['trial'])} (a damaged file, or two runs writing it)"
         )
     return table
 
@@ -200,7 +213,7 @@ def expand(paths) -> list[RunDir]:
     return found
 
 
-def hydra_jobs(directory) -> list[RunDir]:
+def job_paths(directory) -> list[Path]:
     """Every Hydra job directory (with ``.hydra/overrides.yaml``) under ``directory``, finished or not."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -211,7 +224,12 @@ def hydra_jobs(directory) -> list[RunDir]:
         raise RunError(f"{str(directory)!r} cannot be searched: {_why(error)}") from None
     if not found:
         raise RunError(f"no Hydra job directory (with .hydra/) under {directory}")
-    return [RunDir(job) for job in found]
+    return found
+
+
+def hydra_jobs(directory) -> list[RunDir]:
+    """:func:`job_paths` opened as :class:`RunDir` (a job whose files cannot be read raises)."""
+    return [RunDir(job) for job in job_paths(directory)]
 
 
 @dataclass(frozen=True)

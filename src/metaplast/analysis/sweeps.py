@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from metaplast.analysis.results import RESULT, accuracy_summary, check_last, surviving_terms
-from metaplast.analysis.rundir import RunDir, RunError, hydra_jobs, theta_term
+from metaplast.analysis.rundir import RunDir, RunError, job_paths, theta_term
 from metaplast.safety import save_figure, write_text
 
 log = logging.getLogger("metaplast")
@@ -36,7 +36,7 @@ class SweepError(ValueError):
 def find_jobs(directories) -> list[Path]:
     """Job directories (those with ``.hydra/overrides.yaml``) under each given directory, in order."""
     try:
-        return [job.path for directory in directories for job in hydra_jobs(directory)]
+        return [job for directory in directories for job in job_paths(directory)]
     except RunError as error:
         raise SweepError(str(error)) from None
 
