@@ -299,6 +299,17 @@ def _legend_below(ax, handles_from=None, ncol: int = 2) -> None:
         )
 
 
+def _log_if_spread(axes, tables) -> bool:
+    """A log y-axis where positive values span more than 30× their median (e.g. a loss with spikes)."""
+    values = np.concatenate([t[["low", "mean", "high"]].to_numpy(float).ravel() for t in tables] or [[]])
+    values = values[np.isfinite(values)]
+    if values.size and values.min() > 0 and values.max() > 30 * np.median(values):
+        for ax in axes:
+            ax.set_yscale("log")
+        return True
+    return False
+
+
 def curves_figure(runs, column, ylabel, out, name, by="episode", window=1, title="", chance_line=True) -> str:
     """Mean over trials and 98 % bootstrap CI of ``column`` for each run, of the per-trial curves
     smoothed by ``window`` (:func:`summarise`): up to :data:`OVERLAY_MAX` runs overlaid in one panel,
@@ -315,7 +326,7 @@ def curves_figure(runs, column, ylabel, out, name, by="episode", window=1, title
                 _nothing(ax, run.label)
         for value in _distinct(c for c in chances if c):
             ax.axhline(value, ls="--", lw=1, color=GREY, label=_chance_label(value))
-        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel + (" (log scale)" if _log_if_spread([ax], tables) else ""))
         ax.set_title(_wrap(title, 80), fontsize=10)
         _legend_below(ax)
         return _save(fig, out, name)
@@ -334,8 +345,11 @@ def curves_figure(runs, column, ylabel, out, name, by="episode", window=1, title
     for ax in axes[len(runs) :]:
         ax.set_visible(False)
     fig.supxlabel(xlabel)
-    fig.supylabel(ylabel)
-    fig.suptitle(_wrap(title, 110) + "\n(grey: the other runs' means)", fontsize=10)
+    fig.supylabel(ylabel + (" (log scale)" if _log_if_spread(axes[: len(runs)], tables) else ""))
+    key = "grey: the other runs' means" + "".join(
+        f"; dashed: {_chance_label(value)}" for value in _distinct(c for c in chances if c)
+    )
+    fig.suptitle(f"{_wrap(title, 110)}\n({key})", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, name)
 
