@@ -17,7 +17,7 @@ import torch
 
 from conftest import CONF, TINY, run_cli
 from metaplast import safety
-from metaplast.data import DataError, generate_glyphs, load_dataset, write_idx
+from metaplast.data import DataError, generate_glyphs, load_dataset, read_idx, write_idx
 from metaplast.data.glyphs import glyphs_cache_path
 from metaplast.run.tracking import EpisodeCSV, flag_diverged, logged_scalars
 from metaplast.run.train import build_module, run
@@ -475,3 +475,183 @@ def test_growth_gradient_is_the_gradient_of_the_log_weight_norm_before_the_blow_
         grown = learner.step(grown, {"theta": row}, x[1:, i : i + 1], y[1:, i : i + 1])
     (expected,) = torch.autograd.grad(torch.log(sum(w.double().pow(2).sum() for w in grown.weights)), row)
     torch.testing.assert_close(grads[1], expected[0].to(grads.dtype), rtol=1e-3, atol=0)
+
+
+# --- 6. data faults, round two (issue 14): values, shapes, label ids, sizes before decompressing ---
+
+
+def idx_pair(root, images, labels, gz=False):
+    """An IDX data set (the t10k split) of the given tensors in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    write_idx(root / f"t10k-images-idx3-ubyte{suffix}", images)
+    write_idx(root / f"t10k-labels-idx1-ubyte{suffix}", labels)
+    return root
+
+
+def _pixels(value):
+    images = torch.rand(4, 3, 3)
+    images[2, 1, 1] = value
+    return images, torch.tensor([0, 1, 0, 1], dtype=torch.uint8)
+
+
+def header_only(path, shape, code=0x08):
+    """An IDX file whose header declares ``shape`` but holds (almost) no payload."""
+    import struct
+
+    header = struct.pack(f">HBB{len(shape)}I", 0, code, len(shape), *shape)
+    path.write_bytes(gzip.compress(header + b"\0" * 16) if path.suffix == ".gz" else header + b"\0" * 16)
+
+
+DATA_CASES = {
+    "NaN pixel": (lambda: _pixels(float("nan")), "1 pixel values are NaN or infinite (the first in image 2)"),
+    "inf pixel": (lambda: _pixels(float("inf")), "pixel values are NaN or infinite"),
+    "-inf pixel": (lambda: _pixels(float("-inf")), "pixel values are NaN or infinite"),
+    "pixel above 1": (lambda: _pixels(2.0), "pixel values must lie in [0, 1]"),
+    "negative pixel": (lambda: _pixels(-0.5), "pixel values must lie in [0, 1]"),
+    "zero-size images": (
+        lambda: (torch.zeros(4, 0, 0, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)),
+        "images of shape (4, 0, 0); allowed: N >= 1 images of H x W >= 1 x 1 pixels",
+    ),
+    "zero-width images": (
+        lambda: (torch.zeros(4, 3, 0, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)),
+        "images of shape (4, 3, 0)",
+    ),
+    "no images": (
+        lambda: (torch.zeros(0, 3, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8)),
+        "no labels",
+    ),
+    "flat images": (
+        lambda: (torch.zeros(4, 9, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)),
+        "expected images of shape (N, H, W), found (4, 9)",
+    ),
+    "float labels": (
+        lambda: (torch.zeros(4, 3, 3, dtype=torch.uint8), torch.tensor([0.0, 1.5, 2.0, 1.0])),
+        "labels of type torch.float32 (IDX type 0D/0E); allowed: integer class ids",
+    ),
+    "float64 labels": (
+        lambda: (
+            torch.zeros(4, 3, 3, dtype=torch.uint8),
+            torch.tensor([0.0, 1.0, 2.0, 1.0], dtype=torch.float64),
+        ),
+        "labels of type torch.float64",
+    ),
+    "label 10^6": (
+        lambda: (torch.zeros(4, 3, 3, dtype=torch.uint8), torch.tensor([0, 1, 10**6, 1], dtype=torch.int32)),
+        "label id 1000000 is out of range; allowed: class ids 0..999; at most 1000 classes",
+    ),
+    "label 1000": (
+        lambda: (torch.zeros(4, 3, 3, dtype=torch.uint8), torch.tensor([0, 1000, 1, 1], dtype=torch.int16)),
+        "label id 1000 is out of range",
+    ),
+    "negative label": (
+        lambda: (torch.zeros(4, 3, 3, dtype=torch.uint8), torch.tensor([0, -1, 1, 1], dtype=torch.int8)),
+        "label id -1 is out of range",
+    ),
+    "2-d labels": (
+        lambda: (torch.zeros(4, 3, 3, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.uint8)),
+        "expected 1 dimension, found 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_each_bad_data_set_is_refused_naming_the_file_and_the_value(make_cfg, tmp_path, case, gz):
+    make, message = DATA_CASES[case]
+    root = idx_pair(tmp_path / "data", *make(), gz=gz)
+    with pytest.raises(DataError) as caught:
+        load_dataset("idx", root)
+    assert message in str(caught.value), str(caught.value)
+    assert str(root) in str(caught.value)
+    with pytest.raises(DataError):  # and a training run stops before any work
+        build_module(
+            make_cfg("dataset=idx", f"dataset.root={root}", "meta.M=2", "meta.K=1", "meta.Q=1"), tmp_path
+        )
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_a_label_beyond_the_declared_classes_is_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    idx_pair(raw, torch.zeros(3, 28, 28, dtype=torch.uint8), torch.tensor([0, 10, 3], dtype=torch.uint8))
+    with pytest.raises(
+        DataError, match=r"label id 10 is out of range; allowed: class ids 0..9 \(the dataset's declared"
+    ):
+        load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize(
+    "shape, code",
+    [((100_000, 1000, 1000), 0x08), ((2**31, 2**31), 0x08), ((10**9,), 0x0E), ((60000, 28, 28, 1000), 0x0D)],
+)
+def test_an_idx_file_declaring_more_than_it_may_is_refused_before_decompressing(
+    tmp_path, monkeypatch, suffix, shape, code
+):
+    from metaplast.data import idx
+
+    path = tmp_path / f"bomb-idx{suffix}"
+    header_only(path, shape, code)
+    read = []
+    original = idx._read
+    monkeypatch.setattr(idx, "_read", lambda stream, n, p: read.append(n) or original(stream, n, p))
+    with pytest.raises(
+        DataError, match=r"its header declares shape .* bytes.*allowed: at most 4,294,967,296 bytes"
+    ):
+        read_idx(path)
+    assert max(read) <= 4 * len(shape)  # only the header was ever read
+
+
+def test_a_gzip_bomb_behind_a_small_header_stops_at_the_declared_size(tmp_path, monkeypatch):
+    from metaplast.data import idx
+
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(bytes([0, 0, 8, 1, 0, 0, 0, 4]) + b"\0" * 4)
+        for _ in range(64):  # 64 MiB of zeros, a few hundred KB compressed
+            handle.write(b"\0" * 2**20)
+    assert path.stat().st_size < 2**20
+    read = []
+    original = idx._read
+    monkeypatch.setattr(idx, "_read", lambda stream, n, p: read.append(n) or original(stream, n, p))
+    with pytest.raises(DataError, match=r"needs 4 payload bytes, found more than 4"):
+        read_idx(path)
+    assert sum(read) <= 16  # never decompressed beyond the declared size + 1
+
+
+def test_an_idx_path_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "t10k-images-idx3-ubyte").mkdir()
+    with pytest.raises(DataError, match="is a directory"):
+        read_idx(tmp_path / "t10k-images-idx3-ubyte")
+
+
+def test_a_glyph_cache_path_that_is_a_directory_or_a_root_that_is_a_file_is_refused(tmp_path):
+    glyphs_cache_path(tmp_path, 1, 5).mkdir(parents=True)
+    with pytest.raises(DataError, match=r"glyph cache: .* is a directory, not a cache file"):
+        load_dataset("glyphs", tmp_path, seed=5, per_class=1)
+    (tmp_path / "file").write_text("x")
+    for root in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(DataError, match=r"glyph cache: the data root .* is not a directory"):
+            load_dataset("glyphs", root, seed=5, per_class=1)
+
+
+def test_an_unwritable_glyph_cache_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    from metaplast.data import glyphs
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(glyphs.tempfile, "mkstemp", read_only)
+    data = load_dataset("glyphs", tmp_path, seed=6, per_class=1)
+    assert torch.equal(data.labels, generate_glyphs(1, seed=6)[1])
+    assert "not written (Permission denied" in caplog.text
+    assert not glyphs_cache_path(tmp_path, 1, 6).exists()
+
+
+def test_a_glyph_cache_holding_a_pickled_object_is_rebuilt_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = glyphs_cache_path(tmp_path, 1, 7)
+    torch.save({"images": Payload(marker)}, path)
+    data = load_dataset("glyphs", tmp_path, seed=7, per_class=1)
+    assert torch.equal(data.labels, generate_glyphs(1, seed=7)[1]) and not marker.exists()
+    assert oct(path.stat().st_mode & 0o777) == "0o644"

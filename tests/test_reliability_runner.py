@@ -619,7 +619,9 @@ def test_last_ckpt_is_the_final_state_whatever_checkpoint_every(make_cfg, tmp_pa
     periodic = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("episode-*.ckpt"))
     assert periodic == list(range(every, episodes + 1, every))
     _, values = theta_from_run(tmp_path)  # evaluate from_run: the Θ of result.json
-    assert [values[r] for r in result["terms"]] == pytest.approx(list(result["theta_mean"].values()), rel=1e-6)
+    assert [values[r] for r in result["terms"]] == pytest.approx(
+        list(result["theta_mean"].values()), rel=1e-6
+    )
 
 
 # --- 6. the W&B history of a run stopped by divergence ----------------------------------------------

@@ -262,13 +262,16 @@ def _check_cache_location(root: Path, path: Path) -> None:
         )
 
 
+SKIPPED = "glyph cache %s not written (%s); the glyphs are rebuilt next time"
+
+
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     """Write the cache atomically (a private temporary file renamed over it), readable by all (0644)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     except OSError as err:
-        log.warning("glyph cache %s not written (%s); the glyphs are rebuilt next time", path, err)
+        log.warning(SKIPPED, path, err.strerror or err)
         return
     try:
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would lock out other users sharing the data root
@@ -278,7 +281,7 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None
     except OSError as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        log.warning("glyph cache %s not written (%s); the glyphs are rebuilt next time", path, err)
+        log.warning(SKIPPED, path, err.strerror or err)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
