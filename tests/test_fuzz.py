@@ -197,3 +197,106 @@ if __name__ == "__main__":
 def test_non_finite_numbers_and_targets_are_rejected_by_name(make_cfg, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(make_cfg(override))
+
+
+# --- the same for metaplast.evaluate (issue 14: the fuzzer extended to evaluate) ---------------------
+
+EVAL_HOSTILE = [
+    ["online.trials=0"],
+    ["online.trials=-3"],
+    ["online.samples=0"],
+    ["online.samples=-1"],
+    ["online.every=0"],
+    ["online.every=1e9"],
+    ["online.stream_split=val"],
+    ["online.test_split=train2"],
+    ["online.test_per_class=0"],
+    ["theta={0:nan}"],
+    ["theta={0:inf}"],
+    ["theta={0:1e300}"],
+    ["theta={12:0.1}"],
+    ["theta={a:1}"],
+    ["theta=[1,2]"],
+    ["from_run=/nonexistent/metaplast-run"],
+    ["from_trial=-1"],
+    ["seed=-1"],
+    ["seed=4294967296"],
+    ["model.hidden=[0]"],
+    ["model.init=normal"],
+    ["model.init_std=-1"],
+    ["dataset.per_class=0"],
+    ["rule.terms=hebb"],
+    ["feedback.kind=xfa"],
+    ["+online.foo=1"],
+    [f'from_run="{CODE}"'],
+]
+
+
+@st.composite
+def eval_overrides(draw) -> list[str]:
+    """A tiny online evaluation on the glyphs, then up to two hostile values."""
+    o = ["dataset=glyphs", "dataset.per_class=6"]
+    o.append("model.hidden=" + listing(draw(st.lists(st.integers(1, 8), min_size=1, max_size=2))))
+    o.append(f"rule.terms={draw(st.sampled_from(['f0', 'bio', 'ehebb', 'oja']))}")
+    o.append(f"feedback={draw(st.sampled_from(['bp', 'fa', 'dfa']))}")
+    o.append(f"theta={{0:{draw(st.sampled_from([0, 1e-2, 1e30]))}}}")  # 1e30: the stream diverges
+    o.append(f"online.trials={draw(st.integers(1, 3))}")
+    o.append(f"online.samples={draw(st.integers(1, 20))}")
+    o.append(f"online.every={draw(st.integers(1, 10))}")
+    o.append(f"online.test_per_class={draw(st.sampled_from([1, 2]))}")
+    o.append(f"seed={draw(st.integers(0, 3))}")
+    for hostile in draw(st.lists(st.sampled_from(EVAL_HOSTILE), max_size=2)):
+        o += hostile
+    return o
+
+
+def test_random_evaluations_run_or_stop_with_a_validation_error(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from metaplast.run.evaluate import run as evaluate
+    from metaplast.safety import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    outcomes = Counter()
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(eval_overrides())
+    def check(draw):
+        try:
+            with initialize_config_dir(str(CONF), version_base="1.3"):
+                cfg = compose("evaluate", overrides=draw)
+        except (HydraException, OmegaConfBaseException) as error:
+            outcomes[reason(error)] += 1
+            return
+        out = Path(tempfile.mkdtemp(dir=tmp_path))
+        try:
+            table = evaluate(cfg, out)
+        except (ConfigError, DataError, CheckpointError) as error:
+            assert str(error) and "\n" not in str(error).strip(), error
+            outcomes[reason(error)] += 1
+            return
+        except DivergenceError:  # every trial diverged: reported, exit 3 at the command line
+            outcomes["every trial diverged"] += 1
+            return
+        outcomes["completed"] += 1
+        for column in table.columns:  # a finite number, or nan in a row flagged diverged
+            for value, diverged in zip(table[column], table.get("diverged", [0] * len(table))):
+                if isinstance(value, float):
+                    assert math.isfinite(value) or diverged, (column, table)
+
+    check()
+    assert not (tmp_path / "PWNED").exists()
+    rejected = sum(n for key, n in outcomes.items() if key != "completed")
+    done = outcomes["completed"]
+    print(f"\nfuzzed {sum(outcomes.values())} evaluations: {done} completed, {rejected} stopped")
+    for key, n in sorted(outcomes.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:3d}  {key}")
+    assert outcomes["completed"] >= 3 and rejected >= 3, outcomes
