@@ -23,11 +23,16 @@ class Task(NamedTuple):
 #: the next Q query images of each class in dataset order, so only K + Q images per class are used).
 SAMPLING_MODES = ("fresh", "authors")
 
+#: The order of a task's training stream: shuffled across classes (``iid``), or all K images of one
+#: class, then all of the next (``continual``; Lindsey & Litwin-Kumar 2020), classes in drawn order.
+STREAM_ORDERS = ("iid", "continual")
+
 
 class TaskSampler:
     """Draws tasks of M classes with K training and Q query images each (see :data:`SAMPLING_MODES`).
 
-    The training stream is shuffled across classes; query images are grouped by class.
+    The training stream is shuffled across classes (``order='iid'``) or presented class after class
+    (``order='continual'``, each class's images in random order); query images are grouped by class.
     Labels keep their dataset ids unless remap_labels, which maps the i-th drawn class to i.
     All randomness comes from the sampler's own generator, seeded with seed.
     """
@@ -42,7 +47,10 @@ class TaskSampler:
         seed: int,
         remap_labels: bool = False,
         mode: str = "fresh",
+        order: str = "iid",
     ) -> None:
+        if order not in STREAM_ORDERS:
+            raise ValueError(f"order={order!r}: allowed: {', '.join(STREAM_ORDERS)}")
         if mode not in SAMPLING_MODES:
             raise ValueError(f"sampling={mode!r}: allowed: {', '.join(SAMPLING_MODES)}")
         if mode == "authors" and remap_labels:
@@ -66,6 +74,7 @@ class TaskSampler:
             )
         self.images, self.labels = images, labels
         self.M, self.K, self.Q, self.remap_labels, self.mode = M, K, Q, remap_labels, mode
+        self.order = order
         order = torch.argsort(labels, stable=True)
         self.class_indices = list(torch.split(order, counts.tolist()))
         self.generator = torch.Generator().manual_seed(seed)
@@ -83,7 +92,11 @@ class TaskSampler:
                 indices = self.class_indices[c]
                 picks.append(indices[torch.randperm(len(indices), generator=g)[: K + Q]])
         picks = torch.stack(picks)  # (M, K+Q) dataset indices
-        train = picks[:, :K].reshape(-1)[torch.randperm(M * K, generator=g)]
+        train = picks[:, :K].reshape(-1)
+        if self.order == "iid":
+            train = train[torch.randperm(M * K, generator=g)]
+        else:  # continual: class after class, each class's images in random order
+            train = picks[:, :K][:, torch.randperm(K, generator=g)].reshape(-1)
         query = picks[:, K:].reshape(-1)
         if self.remap_labels:
             remap = torch.empty_like(self.classes)
@@ -100,6 +113,19 @@ class TaskSampler:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+def split_classes(labels: torch.Tensor, held_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint meta-training and meta-testing classes: ``held_out`` of the classes present, drawn
+    with ``seed``, for meta-testing, the rest for meta-training (both sorted)."""
+    classes = torch.unique(labels)
+    if not 0 <= held_out < len(classes):
+        raise ValueError(
+            f"test_classes={held_out}: must be in 0..{len(classes) - 1} "
+            f"(the dataset has {len(classes)} classes)"
+        )
+    order = classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))]
+    return order[held_out:].sort().values, order[:held_out].sort().values
 
 
 def stack_tasks(tasks: Sequence[Task]) -> Task:

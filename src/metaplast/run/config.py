@@ -45,6 +45,11 @@ Estimator = _enum("Estimator", ESTIMATORS)
 Sharing = _enum("Sharing", SHARING)
 SamplingMode = _enum("SamplingMode", SAMPLING_MODES)
 WandbMode = _enum("WandbMode", ("auto", "online", "offline", "disabled"))
+#: Task families (``task.family``): few-shot image classification streams, or FLP's incremental sine
+#: waves (Lindsey & Litwin-Kumar 2020); the stream order (``task.order``) of either.
+TASK_FAMILIES = ("classify", "sine")
+TaskFamily = _enum("TaskFamily", TASK_FAMILIES)
+StreamOrder = _enum("StreamOrder", ("iid", "continual"))
 
 
 @dataclass
@@ -73,6 +78,7 @@ class ModelConfig:
     init_lr: float | None = None  # their Adam learning rate (None: meta.lr)
     init_reg: RegKind = RegKind.none
     init_lam: float = 0.0
+    learn_bias: bool = False  # meta-learn the biases (fixed within an episode; needs model.bias=true)
 
 
 @dataclass
@@ -83,6 +89,7 @@ class RuleConfig:
     theta_init: float = 0.0
     term_scale: Any = None  # null (plain Adam), auto (measured) or {term id: s}: Adam on s_r θ_r
     share: Sharing = Sharing.all  # Θ for all layers, per layer, or per synapse
+    plastic: int | None = None  # only the top N layers use rule.terms, those below are frozen ('none')
 
 
 @dataclass
@@ -96,6 +103,20 @@ class FeedbackConfig:
     lr: float | None = None  # Adam learning rate of ψ and B (None: meta.lr)
     reg: RegKind = RegKind.none  # regulariser of the learned B
     lam: float = 0.0
+
+
+@dataclass
+class TaskConfig:
+    """The task family and its stream (metaplast.data.sine; metaplast.data.sampler)."""
+
+    family: TaskFamily = TaskFamily.classify
+    order: StreamOrder = StreamOrder.iid  # iid: shuffled; continual: one class/function after another
+    functions: int = 10  # sine: functions per episode
+    batches: int = 400  # sine: mini-batches of meta.batch samples per episode
+    query: int = 10  # sine: held-out points per function for the meta-loss
+    test_classes: int = 0  # classify: classes held out of meta-training, for meta-testing only
+    split_seed: int = 0  # classify: which classes are held out
+    test_episodes: int = 0  # meta-test episodes after training (meta_test.json); 0: none
 
 
 @dataclass
@@ -161,6 +182,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     seed: int = 0
     ckpt_path: str | None = None
     resume: bool = True
@@ -213,6 +235,15 @@ def build_rule(cfg) -> Rule:
     per_layer = None if cfg.rule.per_layer is None else list(cfg.rule.per_layer)
     terms = cfg.rule.terms
     if per_layer is None and terms is None:
+    plastic = getattr(cfg.rule, "plastic", None)
+    if plastic is not None:
+        if per_layer is not None:
+            _fail("rule.plastic", plastic, "null when rule.per_layer is given (it says which layers learn)")
+        if isinstance(plastic, bool) or not isinstance(plastic, int) or not 1 <= plastic <= depth:
+            _fail("rule.plastic", plastic, f"null or an integer in 1..{depth} (the network's layers)")
+        if OmegaConf.is_config(terms):
+            terms = OmegaConf.to_container(terms)
+        per_layer = ["none"] * (depth - plastic) + [terms] * plastic
         _fail("rule.terms", None, "a named rule (f0, pool, bio, ehebb, oja) or a list of term ids")
     if per_layer is not None and any(spec is None for spec in per_layer):
         _fail("rule.per_layer", per_layer, "one named rule or list of term ids per layer, none null")
@@ -451,6 +482,50 @@ def check_logger(logger) -> None:
 
 
 def validate(cfg) -> Rule:
+def stream_length(cfg) -> int:
+    """Samples in one episode's training stream: M K images, or the sine task's batches x meta.batch."""
+    task = getattr(cfg, "task", None)
+    if task is not None and _value(task.family) == "sine":
+        return task.batches * cfg.meta.batch
+    return cfg.meta.M * cfg.meta.K
+
+
+def query_length(cfg) -> int:
+    """Samples in one episode's query set (the meta-loss)."""
+    task = getattr(cfg, "task", None)
+    if task is not None and _value(task.family) == "sine":
+        return task.functions * task.query
+    return cfg.meta.M * cfg.meta.Q
+
+
+def check_task(cfg) -> None:
+    """Checks of ``task.*`` (:class:`TaskConfig`) against the model and the meta-settings."""
+    task = cfg.task
+    for name in ("functions", "batches", "query"):
+        _positive(f"task.{name}", getattr(task, name))
+    _integer("task.test_classes", task.test_classes, 0)
+    _integer("task.test_episodes", task.test_episodes, 0)
+    check_seed("task.split_seed", task.split_seed)
+    if _value(task.family) == "sine":
+        if _value(cfg.model.loss) != "mse":
+            _fail("model.loss", _value(cfg.model.loss), "mse for task.family=sine (a regression task)")
+        if (task.batches * cfg.meta.batch) % task.functions:
+            _fail(
+                "task.batches",
+                task.batches,
+                f"a number of batches whose task.batches x meta.batch samples split equally over "
+                f"task.functions={task.functions}",
+            )
+        if task.test_classes:
+            _fail(
+                "task.test_classes", task.test_classes, "0 for task.family=sine (its functions are new draws)"
+            )
+    elif _value(cfg.model.loss) != "cross_entropy":
+        _fail("model.loss", _value(cfg.model.loss), "cross_entropy for task.family=classify")
+    if cfg.model.learn_bias and not cfg.model.bias:
+        _fail("model.learn_bias", True, "false, or model.bias=true (there are no biases to learn)")
+
+
     """Checks that need more than a type; returns the rule. Raises :class:`ConfigError`."""
     resolve_all(cfg)
     check_schema(cfg)
@@ -469,6 +544,7 @@ def validate(cfg) -> Rule:
     check_feedback(cfg.feedback)
     check_dataset(cfg.dataset)
     if not 0 < cfg.meta.backtrack < 1:
+    check_task(cfg)
         _fail("meta.backtrack", cfg.meta.backtrack, "a number in (0, 1)")
     if _value(cfg.meta.sampling) == "authors" and cfg.model.remap_labels:
         allowed = "fresh with model.remap_labels=true (the authors' tasks can repeat a class)"
@@ -537,12 +613,12 @@ def check_memory(cfg, rule: Rule | None = None, input_dim: int = 1, output_dim: 
     check_data_memory(cfg.dataset, run_device(cfg.trainer.accelerator))
     meta = cfg.meta
     sizes = [input_dim, *hidden_sizes(cfg.model), output_dim]
-    steps = math.ceil(meta.M * meta.K / meta.batch)
+    steps = math.ceil(stream_length(cfg) / meta.batch)
     precision = str(cfg.trainer.precision)
     element = 8 if precision.startswith("64") else 4
     estimator = "autograd" if _value(meta.gradient) == "autograd" or meta.truncate else "auto"
     estimate = episode_estimate(
-        sizes, meta.trials, steps, meta.M * meta.Q, estimator, cfg.trainer.recompute_segment, element
+        sizes, meta.trials, steps, query_length(cfg), estimator, cfg.trainer.recompute_segment, element
     )
     try:
         check_fits(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,19 +17,74 @@ from torch.utils.data import DataLoader
 from metaplast.core.inner_loop import inner_loop
 from metaplast.core.learner import State
 from metaplast.core.meta import MetaParameters, regulariser
-from metaplast.core.metrics import episode_metrics
+from metaplast.core.metrics import episode_metrics, follow_stream, forgetting, readout_fit, stream_blocks
 from metaplast.data import LabelledImages, TaskSampler, stack_tasks, stream_seed, trial_generators
+from metaplast.data.sampler import split_classes
+from metaplast.data.sine import SineTaskSampler
 from metaplast.run.config import Config, build_learner, build_rule, hidden_sizes, theta_init_row
 from metaplast.run.tracking import RESULTS, EpisodeCSV, episode_record, flag_diverged, logged_scalars
-from metaplast.safety import CheckpointError, DivergenceError
+from metaplast.safety import CheckpointError, DivergenceError, write_text
 
 log = logging.getLogger("metaplast")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*that ended before the epoch ended.*")
 
 #: Random streams of a trial (metaplast.data.stream_seed): 0 weights and feedback of each episode,
-#: 1 tasks, 4 the starting values of meta-learned matrices and weights.
-STREAM_INIT, STREAM_TASKS, STREAM_LEARNED = 0, 1, 4
+#: 1 tasks, 4 the starting values of meta-learned matrices and weights, 5 and 6 the tasks and the
+#: fresh weights of the meta-test episodes.
+STREAM_INIT, STREAM_TASKS, STREAM_LEARNED, STREAM_TEST_TASKS, STREAM_TEST_INIT = 0, 1, 4, 5, 6
+#: The meta-test's results, next to result.json.
+META_TEST = "meta_test.json"
+
+
+def task_family(cfg) -> str:
+    task = getattr(cfg, "task", None)
+    return "classify" if task is None else getattr(task.family, "value", task.family)
+
+
+def split_data(cfg, data: LabelledImages):
+    """``(train, test)``: the (images, labels) of the meta-training and the held-out meta-testing
+    classes (``task.test_classes``; none held out: both are the whole dataset); None for sine."""
+    if task_family(cfg) == "sine":
+        return None, None
+    held_out = cfg.task.test_classes if getattr(cfg, "task", None) is not None else 0
+    if not held_out:
+        return (data.images, data.labels), (data.images, data.labels)
+    train_classes, test_classes = split_classes(data.labels, held_out, cfg.task.split_seed)
+    parts = []
+    for classes in (train_classes, test_classes):
+        mask = torch.isin(data.labels, classes)
+        parts.append((data.images[mask], data.labels[mask]))
+    return tuple(parts)
+
+
+def build_samplers(cfg, part, trial_ids, stream: int) -> list:
+    """One task sampler per trial: the sine task, or few-shot tasks from ``part`` = (images, labels)."""
+    meta = cfg.meta
+    order = cfg.task.order.value if getattr(cfg, "task", None) is not None else "iid"
+    if task_family(cfg) == "sine":
+        task = cfg.task
+        return [
+            SineTaskSampler(
+                task.functions, task.batches, meta.batch, task.query, order, stream_seed(cfg.seed, t, stream)
+            )
+            for t in trial_ids
+        ]
+    images, labels = part
+    return [
+        TaskSampler(
+            images,
+            labels,
+            meta.M,
+            meta.K,
+            meta.Q,
+            stream_seed(cfg.seed, t, stream),
+            cfg.model.remap_labels,
+            meta.sampling.value,
+            order,
+        )
+        for t in trial_ids
+    ]
 
 
 class MetaPlasticity(L.LightningModule):
@@ -51,7 +108,7 @@ class MetaPlasticity(L.LightningModule):
         self.save_hyperparameters(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
         meta = cfg.meta
         self.rule = build_rule(cfg)
-        output = meta.M if cfg.model.remap_labels else data.num_classes
+        output = meta.M if cfg.model.remap_labels and task_family(cfg) == "classify" else data.num_classes
         self.learner = build_learner(cfg, data.images.shape[1], output, self.rule)
         self.trial_ids = list(range(meta.first_trial, meta.first_trial + meta.trials))
         learned = trial_generators(cfg.seed, self.trial_ids, STREAM_LEARNED)
@@ -65,22 +122,12 @@ class MetaPlasticity(L.LightningModule):
             cfg.feedback.psi_init,
             feedback if cfg.feedback.learn else None,
             {layer: weights[layer] for layer in cfg.model.learn_init or []},
+            self.learner.network.init_biases(meta.trials) if cfg.model.learn_bias else None,
         )
         self.term_scale = None if term_scale is None else torch.tensor(term_scale)
         self.init_generators = trial_generators(cfg.seed, self.trial_ids, STREAM_INIT)
-        self.samplers = [
-            TaskSampler(
-                data.images,
-                data.labels,
-                meta.M,
-                meta.K,
-                meta.Q,
-                stream_seed(cfg.seed, t, STREAM_TASKS),
-                cfg.model.remap_labels,
-                meta.sampling.value,
-            )
-            for t in self.trial_ids
-        ]
+        self.train_part, self.test_part = split_data(cfg, data)
+        self.samplers = build_samplers(cfg, self.train_part, self.trial_ids, STREAM_TASKS)
         # The episode table: kept as numbers for checkpoints, written to metrics.csv when csv_path.
         self.table = EpisodeCSV(csv_path)
         self.csv = self.table if csv_path else None
@@ -108,7 +155,8 @@ class MetaPlasticity(L.LightningModule):
     def configure_optimizers(self):
         lr = self.cfg.meta.lr
         rates = {"theta": lr, "psi": self.cfg.feedback.lr, "feedback": self.cfg.feedback.lr}
-        rates["init"] = self.cfg.model.init_lr
+        rates["init"] = rates["bias"] = self.cfg.model.init_lr  # initial weights and biases
+        rates.update({name: self.cfg.feedback.lr for name in self.meta.extra})  # the pathway's own
         groups = [
             {"params": params, "lr": rates.get(name) or lr, "name": name}
             for name, params in self.meta.groups().items()
@@ -300,6 +348,20 @@ class MetaPlasticity(L.LightningModule):
                         del summary[key]  # a result of an earlier episode, not of the last one
                 summary.update({"stopped/diverged_trial": trial, "stopped/episode": episode})
 
+    def on_train_end(self):
+        """Meta-test after training (``task.test_episodes`` > 0): :func:`meta_test` into meta_test.json."""
+        episodes = self.cfg.task.test_episodes
+        if (
+            not episodes
+            or not self.trainer.is_global_zero
+            or self.trainer.global_step < self.cfg.meta.episodes
+        ):
+            return
+        result = meta_test(self, episodes)
+        path = Path(self.trainer.default_root_dir) / META_TEST
+        write_text(path, json.dumps(result, indent=1))
+        log.info("meta-test (%d episodes): loss %.4g; written to %s", episodes, result["loss"]["mean"], path)
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["metaplast_streams"] = {
             "init": [g.get_state() for g in self.init_generators],
@@ -332,6 +394,85 @@ class MetaPlasticity(L.LightningModule):
                 f"the checkpoint was made with rule.term_scale scales {saved}, this run has {current}; "
                 "resume with the checkpoint's own setting"
             )
+
+
+def summary(values: torch.Tensor) -> dict:
+    """Per-trial values ``(T,)``: each, their mean and standard error over trials (SE: n-1 std / √n)."""
+    values = values.double().cpu()
+    n = len(values)
+    se = float(values.std(unbiased=True) / n**0.5) if n > 1 else float("nan")
+    return {"trials": values.tolist(), "mean": float(values.mean()), "se": se}
+
+
+@torch.no_grad()
+def meta_test(module: MetaPlasticity, episodes: int) -> dict:
+    """Fresh episodes on functions never drawn in meta-training (sine) or on the held-out classes
+    (``task.test_classes``), each trial with its meta-learned parameters; no meta-update.
+
+    Per trial, over the episodes: the query ``loss`` (and ``acc``, ``error`` of a classifier); the
+    update-gradient cosine per layer over the stream (``update_cos``, and its mean per step, Fig. 2C);
+    the size of each layer's update ``update_norm`` (Fig. 2D); the frozen-features control
+    ``readout`` (the initial network's features, its readout fitted to the whole stream: Fig. 2A);
+    for a continual stream the ``forgetting`` per block (Fig. 2B) and its mean over blocks 1...
+    """
+    cfg, learner = module.cfg, module.learner
+    like = module.meta.groups()["theta"][0]
+    sine = task_family(cfg) == "sine"
+    samplers = build_samplers(cfg, module.test_part, module.trial_ids, STREAM_TEST_TASKS)
+    generators = trial_generators(cfg.seed, module.trial_ids, STREAM_TEST_INIT)
+    meta = module.meta.as_meta()
+    totals: dict[str, list[torch.Tensor]] = {}
+    batch = cfg.meta.batch
+    for _ in range(episodes):
+        task = stack_tasks([sampler.sample() for sampler in samplers])
+        x_train, x_query = (x.to(like) for x in (task.x_train, task.x_query))
+        y_train, y_query = task.y_train.to(like.device), task.y_query.to(like.device)
+        if sine:
+            groups, query_groups = x_train[..., 1:].argmax(-1), x_query[..., 1:].argmax(-1)
+        else:
+            groups, query_groups = y_train, y_query
+        state = learner.init_state(generators, cfg.feedback.init.value, meta, like=like)
+        continual = cfg.task.order.value == "continual"
+        blocks = stream_blocks(groups, batch) if continual else []
+        followed = follow_stream(learner, state, meta, x_train, y_train, batch, x_query, blocks)
+        adapted = followed["state"]
+        found = {"loss": learner.query_loss(adapted, x_query, y_query)}
+        if not sine:
+            _, zs = learner.network.forward(adapted.weights, x_query, adapted.biases)
+            found["acc"] = (zs[-1].argmax(-1) == y_query).to(like.dtype).mean(1)
+            found["error"] = 1 - found["acc"]
+        found["readout"] = readout_fit(learner, state, x_train, y_train, x_query, y_query)
+        found["update_cos"] = followed["cos"]
+        found["update_norm"] = followed["update_norm"]
+        if continual:
+            found["forgetting"] = forgetting(followed["outputs"], blocks, groups, query_groups, batch)
+        for key, value in found.items():
+            totals.setdefault(key, []).append(value.double().cpu())
+    result: dict = {
+        "episodes": episodes,
+        "family": "sine" if sine else "classify",
+        "order": cfg.task.order.value,
+    }
+    result["trial_ids"] = module.trial_ids
+    for key in ("loss", "acc", "error", "readout"):
+        if key in totals:
+            result[key] = summary(torch.stack(totals[key]).mean(0))
+    cos = torch.stack(totals["update_cos"]).mean(0)  # (T, steps, L)
+    result["update_cos"] = {
+        "per_layer": [summary(cos[:, :, layer].mean(1)) for layer in range(cos.shape[2])],
+        "per_step": cos.mean(0).T.tolist(),  # [layer][step], mean over trials and episodes
+    }
+    norm = torch.stack(totals["update_norm"]).mean(0)
+    result["update_norm"] = {
+        "per_layer": [summary(norm[:, :, layer].mean(1)) for layer in range(norm.shape[2])]
+    }
+    if "forgetting" in totals:
+        forgot = torch.stack(totals["forgetting"]).mean(0)  # (T, blocks)
+        result["forgetting"] = {
+            "mean": summary(forgot[:, 1:].mean(1)),
+            "per_block": forgot.mean(0).tolist(),
+        }
+    return result
 
 
 def record_theta(record: dict[str, torch.Tensor], index: int) -> torch.Tensor:

@@ -41,7 +41,8 @@ def meta_columns(meta, terms) -> dict[str, torch.Tensor]:
 
 
 def episode_record(meta, terms, metrics: dict[str, torch.Tensor], total_loss: torch.Tensor):
-    """Per-trial columns of one episode: meta/loss, meta/acc, the meta-parameters, angle/<l>, orth/<l>.
+    """Per-trial columns of one episode: meta/loss, meta/acc, the meta-parameters, angle/<l>, orth/<l>,
+    and where measured cos/<l> (update-gradient cosine) and fbangle/<l> (∠(W^T, B)).
 
     Angles are indexed l = 0..L-1 and orthonormality errors l = 1..L, as in the papers.
     Values are ``(trials,)`` tensors.
@@ -53,11 +54,14 @@ def episode_record(meta, terms, metrics: dict[str, torch.Tensor], total_loss: to
     record.update({f"angle/{l}": metrics["angle"][:, l] for l in range(metrics["angle"].shape[1])})
     record.update({f"orth/{l + 1}": metrics["orth"][:, l] for l in range(metrics["orth"].shape[1])})
     # A copy: the meta-parameters change in place at the optimizer step, after the record is taken.
+    for name, prefix in (("update_cos", "cos"), ("fb_angle", "fbangle")):  # metaplast.core.metrics
+        if name in metrics:
+            record.update({f"{prefix}/{l}": metrics[name][:, l] for l in range(metrics[name].shape[1])})
     return {key: value.detach().double().cpu().clone() for key, value in record.items()}
 
 
 #: Key prefixes of results; every other key of an episode record is a meta-parameter.
-RESULTS = ("meta/", "angle/", "orth/")
+RESULTS = ("meta/", "angle/", "orth/", "cos/", "fbangle/")
 
 
 def is_meta_parameter(key: str) -> bool:
