@@ -270,3 +270,10 @@ def test_task_options_are_checked():
     ):
         with pytest.raises(ConfigError, match=field):
             validate(compose_with(*overrides))
+
+
+def test_omniglot_absent_is_one_clear_error(tmp_path):
+    from metaplast.data import DataError, load_dataset
+
+    with pytest.raises(DataError, match=r"omniglot-py/images_evaluation is not there.*dataset=glyphs"):
+        load_dataset("omniglot", tmp_path, "test", download=False)

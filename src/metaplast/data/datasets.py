@@ -156,6 +156,30 @@ def _load_glyphs(name: str, root: Path, split: str, download: bool, seed: int, *
     return LabelledImages(_to_float(images, "glyphs"), labels, len(GLYPH_CLASSES), name, True)
 
 
+def _load_omniglot(name: str, root: Path, split: str, download: bool, seed: int) -> LabelledImages:
+    """torchvision's Omniglot (Lake et al. 2015), the FLP paper's few-shot set: split "train" is its
+    background alphabets (964 characters), "test" its evaluation alphabets (659, disjoint); images
+    resized to 28 x 28 (white strokes on black, as the MNIST family), labels the character ids."""
+    background = split == "train"
+    try:
+        data = torchvision.datasets.Omniglot(str(root), background=background, download=download)
+    except Exception as err:  # not there (RuntimeError), or the download failed
+        folder = root / "omniglot-py" / ("images_background" if background else "images_evaluation")
+        raise DataError(
+            f"dataset {name!r}: {folder} is not there"
+            + (f" and its download failed ({err})" if download else " (dataset.download=false)")
+            + f". {OFFLINE_HINT}"
+        ) from err
+    images, labels = [], []
+    for image, label in data:
+        small = image.convert("L").resize((28, 28), resample=2)  # bilinear
+        images.append(torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8))
+        labels.append(label)
+    images = 255 - torch.stack(images).view(-1, 28, 28)  # Omniglot draws black strokes on white
+    labels = _check_labels(torch.tensor(labels), None, f"dataset 'omniglot' in {root}")
+    return LabelledImages(_to_float(images, str(root)), labels, int(labels.max()) + 1, name, False)
+
+
 LOADERS: dict[str, Callable[..., LabelledImages]] = {
     "emnist": _torchvision_loader(
         torchvision.datasets.EMNIST,
@@ -167,6 +191,7 @@ LOADERS: dict[str, Callable[..., LabelledImages]] = {
     "fashion_mnist": _torchvision_loader(torchvision.datasets.FashionMNIST, _mnist_prefix, 10),
     "idx": _load_idx,
     "glyphs": _load_glyphs,
+    "omniglot": _load_omniglot,
 }
 
 
