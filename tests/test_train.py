@@ -138,7 +138,7 @@ def test_validation_against_the_data(make_cfg, tmp_path, overrides, message):
         ("meta.M=five", "Value 'five' of type 'str' could not be converted to Integer"),
         (
             "feedback.kind=xfa",
-            "Invalid value 'xfa', expected one of \\[bp, fa, dfa, sign, kolen_pollack, plastic\\]",
+            "Invalid value 'xfa', expected one of \\[bp, fa, dfa, sign, kolen_pollack, plastic, flp\\]",
         ),
         ("reg.kind=l3", "Invalid value 'l3', expected one of \\[none, l1, l2\\]"),
     ],
