@@ -141,8 +141,25 @@ def test_benchmark_checks_equality_and_reports_ratios(tmp_path, capsys):
     for row in rows:
         assert row["weights_rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-4
         assert row["speedup"] == pytest.approx(row["baseline_s_per_trial"] / row["s_per_trial"])
+    for row in rows:  # the distance to the machine's limits, from the same run's own peaks
+        assert row["peak_gb_s"] > 0 and row["peak_gflop_s"] > 0
+        assert row["gb_s"] == pytest.approx(
+            7 * (20 * 9 + 9 * 6) * 4 * row["trials"] * 5 / row["seconds"] / 1e9
+        )
+        assert row["flop_fraction"] == pytest.approx(row["gflop_s"] / row["peak_gflop_s"])
+        assert row["bandwidth_fraction"] == pytest.approx(row["gb_s"] / row["peak_gb_s"])
     printed = capsys.readouterr().out
     assert "ratio" in printed and printed.count("\nbio ") == 4
+    assert "machine peaks" in printed and "GFLOP/s" in printed
+
+
+def test_episode_flops_count_the_matrix_products_of_every_trial():
+    """FLOPs grow exactly with the trial count (every trial's products are batched, none shared),
+    and the forward pass alone of F^0 at one trial is the literal 2·(matrix-vector products)."""
+    sizes = [12, 7, 5]
+    one, three = (bench.make_inputs(sizes, "f0", "fa", t, 6, 2) for t in (1, 3))
+    assert bench.episode_flops(three, 0) == 3 * bench.episode_flops(one, 0) > 0
+    assert bench.episode_flops(one, 0) >= 2 * (12 * 7 + 7 * 5) * (6 + 2)  # at least y = W x per sample
 
 
 def test_benchmark_memory_probe_and_bad_device():

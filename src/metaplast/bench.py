@@ -8,6 +8,11 @@ side in the same process on the same inputs (W, B, tasks, Θ), the baseline of
 dense matrix, plain autograd with every ``W`` kept alive. Before timing it checks
 that both give the same adapted weights and meta-gradient.
 
+Beside the ratio it reports how far an episode is from the machine's physical limits: its
+arithmetic (matrix-product FLOPs counted by ``torch.utils.flop_counter`` in an untimed run) per
+second against a GEMM measured in the same run, and its *one-pass traffic* per second against
+a STREAM-like copy measured in the same run (:func:`machine_peaks`, :func:`one_pass_bytes`).
+
 Peak memory is the peak resident set size (``VmHWM`` of ``/proc/self/status``)
 of a fresh subprocess that builds the same inputs and runs one episode of the
 configuration; on CUDA it is ``torch.cuda.max_memory_allocated``.
@@ -73,6 +78,47 @@ def make_inputs(sizes, rule_spec, kind, trials, steps, query, seed=0, dtype=torc
         yq=pick(query).to(device),
         theta=theta.to(**to),
     )
+
+
+#: Passes over a trial's weight-sized arrays per inner step of an ideal fused episode: forward
+#: (read W, read B, write W) and meta-gradient backward (read W_t, read B, read and write W's adjoint).
+ONE_PASS = 3 + 4
+
+
+def one_pass_bytes(sizes, trials, steps, element) -> int:
+    """Bytes an episode moves if every inner step touches each trial's W, B and W's adjoint once
+    (:data:`ONE_PASS` passes): the traffic floor of the fused step that issue 15 aims at."""
+    weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return ONE_PASS * weights * element * trials * steps
+
+
+def _best_seconds(fn, device, repeats):
+    fn()  # warm-up
+    return min(timed(fn, device)[1] for _ in range(repeats))
+
+
+def machine_peaks(device, dtype=torch.float32, copy_mib=256, gemm=1024, repeats=5) -> dict:
+    """This machine's memory bandwidth (a STREAM-like copy of ``copy_mib`` MiB: read + write) and
+    matrix-product throughput (a ``gemm``³ product: 2 n³ FLOPs), best of ``repeats``, with the
+    current thread count."""
+    element = torch.empty((), dtype=dtype).element_size()
+    source = torch.rand(copy_mib * 2**20 // element, dtype=dtype, device=device)
+    target = torch.empty_like(source)
+    copy_s = _best_seconds(lambda: target.copy_(source), device, repeats)
+    a = torch.rand(gemm, gemm, dtype=dtype, device=device)
+    gemm_s = _best_seconds(lambda: a @ a, device, repeats)
+    return dict(
+        peak_gb_s=2 * source.numel() * element / copy_s / 1e9, peak_gflop_s=2 * gemm**3 / gemm_s / 1e9
+    )
+
+
+def episode_flops(inputs, recompute_segment) -> int:
+    """Matrix-product FLOPs of one metaplast episode (all trials), counted in an untimed run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run_metaplast(inputs, recompute_segment)
+    return counter.get_total_flops()
 
 
 def run_metaplast(inputs, recompute_segment=0):
@@ -152,6 +198,7 @@ def compare(inputs, recompute_segment, baseline, device):
         cpu_s_per_trial=cpu / trials,
         baseline_s_per_trial=baseline["s_per_trial"],
         baseline_cpu_s_per_trial=baseline["cpu_s_per_trial"],
+        seconds=wall,
         speedup=baseline["s_per_trial"] / (wall / trials),
         cpu_speedup=baseline["cpu_s_per_trial"] / (cpu / trials),
         baseline_trials_timed=len(baseline["results"]),
@@ -220,9 +267,28 @@ def peak_memory(config: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def add_rates(row: dict, inputs, segment, peaks: dict) -> None:
+    """The row's achieved GFLOP/s and one-pass GB/s, and their fractions of the machine's peaks."""
+    element = inputs["theta"].element_size()
+    steps = inputs["x"].shape[1]
+    row["gflop_s"] = episode_flops(inputs, segment) / row["seconds"] / 1e9
+    row["gb_s"] = one_pass_bytes(row["sizes"], row["trials"], steps, element) / row["seconds"] / 1e9
+    row["flop_fraction"] = row["gflop_s"] / peaks["peak_gflop_s"]
+    row["bandwidth_fraction"] = row["gb_s"] / peaks["peak_gb_s"]
+
+
 def benchmark(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     rows = []
+    peaks = None
+    if not args.memory_only:
+        peaks = machine_peaks(args.device, getattr(torch, args.dtype))
+        print(
+            f"machine peaks ({args.threads} thread(s), {args.dtype}): copy {peaks['peak_gb_s']:.1f} GB/s, "
+            f"GEMM {peaks['peak_gflop_s']:.1f} GFLOP/s",
+            flush=True,
+        )
+        print(HEADER, flush=True)
     for rule in args.rule:
         for trials in args.trials:
             base = dict(
@@ -250,6 +316,8 @@ def benchmark(args) -> list[dict]:
                     row.update(weights_rel_err=0.0, grad_rel_err=0.0)
                 else:
                     row.update(compare(inputs, segment, baseline, args.device))
+                    add_rates(row, inputs, segment, peaks)
+                    row.update(peaks)
                 if not args.no_memory:
                     memory = peak_memory(
                         {**base, "trials": trials, "which": "metaplast", "recompute_segment": segment}
@@ -282,6 +350,7 @@ def profile_table(inputs, recompute_segment, rows):
 HEADER = (
     f"{'rule':<6}{'trials':>7}{'recomp':>7}{'s/trial':>9}{'base s/trial':>13}{'ratio':>7}"
     f"{'cpu ratio':>10}{'peak MiB':>10}{'episode MiB':>12}{'base peak':>10}{'max rel err':>12}"
+    f"{'GFLOP/s':>9}{'%GEMM':>7}{'GB/s 1-pass':>12}{'%copy':>7}"
 )
 
 
@@ -295,6 +364,8 @@ def format_row(row: dict) -> str:
         f"{row['rule']:<6}{row['trials']:>7}{row['recompute_segment']:>7}{row['s_per_trial']:>9.3f}"
         f"{row['baseline_s_per_trial']:>13.3f}{row['speedup']:>7.1f}{row['cpu_speedup']:>10.1f}"
         f"{memory}{max(row['weights_rel_err'], row['grad_rel_err']):>12.1e}"
+        f"{row.get('gflop_s', nan):>9.2f}{100 * row.get('flop_fraction', nan):>7.1f}"
+        f"{row.get('gb_s', nan):>12.2f}{100 * row.get('bandwidth_fraction', nan):>7.1f}"
     )
 
 
@@ -428,9 +499,12 @@ def _main(args):
     print(
         f"metaplast.bench: sizes {'-'.join(map(str, args.sizes))}, {args.steps} inner steps, "
         f"feedback={args.feedback}, {args.dtype}, {args.device}, {args.threads} thread(s); "
-        f"seconds per episode per trial (forward + meta-gradient); ratio = baseline / metaplast"
+        f"seconds per episode per trial (forward + meta-gradient); ratio = baseline / metaplast; "
+        f"GFLOP/s and one-pass GB/s (every step touching W, B and W's adjoint once) against this "
+        f"machine's GEMM and copy, measured below"
     )
-    print(HEADER, flush=True)
+    if args.memory_only:
+        print(HEADER, flush=True)
     rows = benchmark(args)
     if args.json:
         text = json.dumps(rows, indent=1)
