@@ -38,6 +38,7 @@ from metaplast.analysis.rundir import (  # noqa: E402
     RunDir,
     RunError,
     expand,
+    read_table,
     theta_columns,
     theta_layer_columns,
 )
@@ -728,7 +729,281 @@ def _online_section(online: list[RunDir], out: Path) -> tuple[str, list]:
                 "α_0 is at the input layer; dashed: 90°."
             )
             items.append(("img", name, caption))
+    items += _analyses_items(online, out)
     return ("Online evaluation", items)
+
+
+# ---------------------------------------------------------------- the Oja paper's analyses (online)
+
+#: Files an online evaluation with ``online.analyses=true`` writes (metaplast.run.evaluate.Analyses).
+ANALYSES_CSV, ANALYSES_NPZ = "analyses.csv", "analyses.npz"
+
+
+def read_analyses(run: RunDir) -> tuple[pd.DataFrame | None, dict[str, np.ndarray]]:
+    """A run's per-layer analyses: the table of ``analyses.csv`` (None for the recurrent net, which
+    has none) and the arrays of ``analyses.npz``; a damaged file raises :class:`ReportError`."""
+    table = None
+    if (run.path / ANALYSES_CSV).exists():
+        try:
+            table = read_table(run.path / ANALYSES_CSV, "online")
+        except RunError as error:
+            raise ReportError(str(error)) from None
+    try:
+        with np.load(run.path / ANALYSES_NPZ, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, KeyError) as error:
+        raise ReportError(f"{str(run.path / ANALYSES_NPZ)!r} cannot be read: {error}") from None
+    return table, arrays
+
+
+def online_label(run: RunDir) -> str:
+    """An online run in the Oja paper's words: ``BP+Oja, 10 layers, N(0, 0.01²)``, ``BPTT`` (RNN),
+    ``FA``; a rule other than F^0 or Oja keeps :attr:`RunDir.label`."""
+    info, model = run.theta_json, run.config.get("model") or {}
+    recurrent = info.get("model") == "rnn" or model.get("kind") == "rnn"
+    feedback = "BPTT" if recurrent else str(info.get("feedback", "?")).upper()
+    terms = tuple(info.get("terms") or (run.rule.terms if run.rule else ()))
+    if terms not in ((0,), (0, 9)):
+        return run.label
+    name = feedback + ("+Oja" if terms == (0, 9) else "")
+    sizes = info.get("sizes") or []
+    if recurrent:
+        name += f", RNN ({sizes[1]} units)" if len(sizes) == 3 else ", RNN"
+    elif sizes:
+        name += f", {len(sizes) - 1} layers"
+    init, std = model.get("init"), model.get("init_std")
+    if init == "normal" and std is not None:
+        name += f", N(0, {std:g}²)"
+    elif init and init != "xavier_uniform":
+        name += f", {init}"
+    return name
+
+
+def _oja_relabel(runs: list[RunDir]) -> None:
+    """Online runs of the Oja paper's rules (F^0, Oja) get :func:`online_label` when their networks or
+    initialisations differ (else the usual labels tell them apart)."""
+    online = [r for r in runs if r.kind == "online" and r.theta_json.get("sizes")]
+    models = {
+        (
+            tuple(r.theta_json["sizes"]),
+            str((r.config.get("model") or {}).get("init")),
+            r.theta_json.get("model"),
+        )
+        for r in online
+    }
+    if len(models) > 1:
+        for run in online:
+            run.label = online_label(run)
+
+
+def _layer_columns(table: pd.DataFrame, prefix: str) -> list[tuple[int, str]]:
+    found = [(int(m.group(1)), c) for c in table.columns if (m := re.fullmatch(rf"{prefix}(\d+)", c))]
+    return sorted(found)
+
+
+def layer_curves_figure(runs, tables, prefix, ylabel, symbol, out, name, title="", log=False) -> str:
+    """One panel per run, one curve per layer ℓ (input side dark, output side light): mean over trials
+    and 98 % bootstrap CI of ``<prefix><ℓ>`` against training samples seen; panels share the y-axis so
+    runs compare (Oja paper Figs. 2 and 6, Supp. Fig. S1)."""
+    rows, columns = _grid(len(runs))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.6 * columns, 3.4 * rows), sharex=True, sharey=True, squeeze=False
+    )
+    axes = axes.ravel()
+    for ax, run, table in zip(axes, runs, tables):
+        layers = _layer_columns(table, prefix)
+        palette = sns.color_palette("viridis", len(layers))
+        drawn = 0
+        for (layer, column), color in zip(layers, palette):
+            label = rf"${symbol}_{{{layer}}}$"
+            drawn += _band(ax, summarise(table, column, by="sample"), "sample", label, color, alpha=0.15)
+        if not drawn:
+            ax.text(0.5, 0.5, "no finite values", ha="center", transform=ax.transAxes)
+        ax.set_title(_wrap(run.label, 45), fontsize=9)
+        if log and drawn:
+            ax.set_yscale("log")
+        if layers:
+            ax.legend(fontsize=7, ncol=2 if len(layers) > 5 else 1, frameon=False)
+    for ax in axes[len(runs) :]:
+        ax.set_visible(False)
+    fig.supxlabel("training samples seen")
+    fig.supylabel(ylabel + (" (log scale)" if log else ""))
+    fig.suptitle(_wrap(title, 120), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
+def _spread_layers(layers: list[int], most: int = 4) -> list[int]:
+    """Up to ``most`` layers spread from the first to the last (the paper's y_1, y_3, y_7, y_9 of 9)."""
+    if len(layers) <= most:
+        return layers
+    picks = np.unique(np.round(np.linspace(0, len(layers) - 1, most)).astype(int))
+    return [layers[i] for i in picks]
+
+
+def explained_variance_figure(runs, arrays, out, name, title="") -> str:
+    """Oja paper Fig. 3: the cumulative fraction of variance of each hidden layer's activations (probe
+    images, end of the stream) explained by its first k principal components, one panel per hidden
+    layer (up to four, spread over the depth), one curve per run: mean over trials, 98 % bootstrap CI."""
+    layer_sets = [sorted(int(k.split("_")[1]) for k in a if k.startswith("ev_")) for a in arrays]
+    layers = _spread_layers(sorted(set().union(*map(set, layer_sets))))
+    fig, axes = plt.subplots(1, max(len(layers), 1), figsize=(3.9 * max(len(layers), 1), 3.5), squeeze=False)
+    axes = axes.ravel()
+    colors = sns.color_palette("tab10", len(runs))
+    for ax, layer in zip(axes, layers):
+        for run, data, color in zip(runs, arrays, colors):
+            key = f"ev_{layer}"
+            if key not in data:
+                continue
+            final = data[key][-1]  # (trials, k) at the end of the stream
+            frame = pd.DataFrame(
+                [
+                    {"pcs": k + 1, "trial": t, "ev": final[t, k]}
+                    for t in range(final.shape[0])
+                    for k in range(final.shape[1])
+                ]
+            )
+            _band(ax, summarise(frame, "ev", by="pcs"), "pcs", run.label, color)
+        ax.set_title(rf"$y_{{{layer}}}$", fontsize=10)
+        ax.set(xlabel="principal components k", ylim=(0, 1.02))
+        ax.set_xscale("log")
+    axes[0].set_ylabel("cumulative explained variance")
+    _legend_below(axes[0], ncol=1)
+    fig.suptitle(_wrap(title, 120), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
+def reconstructions_figure(run, data, out, name, shown: int = 6) -> str:
+    """Oja paper Fig. 4: probe images (left column) and, per hidden layer ℓ (left to right, deeper),
+    the input reconstructed from ``y_ℓ`` through the transposed forward weights,
+    ``x̂ = W_1^T … W_ℓ^T y_ℓ``, of trial 0 at the end of the stream (each image on its own grey
+    scale: the linear decoder does not keep the pixels' scale)."""
+    images = data["images"][:shown]
+    layers = sorted(int(k.split("_")[1]) for k in data if k.startswith("recon_"))
+    side = int(round(math.sqrt(images.shape[1])))
+    fig, axes = plt.subplots(
+        len(images), 1 + len(layers), figsize=(1.25 * (1 + len(layers)), 1.3 * len(images)), squeeze=False
+    )
+    for row, image in enumerate(images):
+        panels = [image] + [data[f"recon_{layer}"][0, row] for layer in layers]
+        for column, panel in enumerate(panels):
+            ax = axes[row, column]
+            if panel.size == side * side and np.isfinite(panel).all():
+                ax.imshow(panel.reshape(side, side), cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(
+                    "input $x$" if column == 0 else rf"from $y_{{{layers[column - 1]}}}$", fontsize=9
+                )
+    fig.suptitle(_wrap(run.label, 60), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
+def state_norms_figure(runs, arrays, out, name, title="") -> str:
+    """The recurrent net's state norm ``‖z_t‖`` over the T steps of the probe sequences at the end of
+    the stream (image shown for the first steps, then blanks): mean over trials, 98 % bootstrap CI."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for run, data, color in zip(runs, arrays, sns.color_palette("tab10", len(runs))):
+        final = data["state_norm"][-1]  # (trials, T)
+        frame = pd.DataFrame(
+            [
+                {"t": k + 1, "trial": t, "norm": final[t, k]}
+                for t in range(final.shape[0])
+                for k in range(final.shape[1])
+            ]
+        )
+        _band(ax, summarise(frame, "norm", by="t"), "t", run.label, color)
+    ax.set(xlabel="time step $t$", ylabel=r"$\|z_t\|$ (probe mean)")
+    ax.set_title(_wrap(title, 90), fontsize=10)
+    _legend_below(ax)
+    return _save(fig, out, name)
+
+
+def _analyses_items(runs: list[RunDir], out: Path) -> list:
+    """The Oja paper's per-layer figures of the online runs that logged analyses (``online.analyses``)."""
+    found = [(run, *read_analyses(run)) for run in runs if (run.path / ANALYSES_NPZ).exists()]
+    if not found:
+        return []
+    band = _band_caption(1, "sample")
+    items = []
+    feed = [(r, t, a) for r, t, a in found if t is not None and not t.empty]
+    if feed:
+        fruns, tables, arrays = zip(*feed)
+        context = context_line(list(fruns))
+        for prefix, ylabel, symbol, stem, what, log in (
+            (
+                "norm_",
+                r"activation norm $\|y_\ell\|$",
+                "y",
+                "oja_activation_norms",
+                "Fig. 6: mean activation norm ‖y_ℓ‖ of each layer on the probe images (ℓ = 0: the input)",
+                False,
+            ),
+            (
+                "recon_",
+                r"reconstruction error (Eq. 2)",
+                r"\mathcal{J}",
+                "oja_reconstruction_error",
+                "Fig. 2: the paper's reconstruction error (Eq. 2), (1/N) Σ ‖y_{ℓ-1} − W_ℓᵀ σ(W_ℓ y_{ℓ-1})‖² "
+                "over the probe images, per hidden layer ℓ",
+                True,
+            ),
+            (
+                "dw_bp_",
+                r"$\|\Delta W_{BP}\|$",
+                "W",
+                "oja_update_norms_bp",
+                "Supp. Fig. S1 A-B: norm of "
+                "backprop's component θ_1 ‖∂L/∂W_ℓ‖ of the update on the next training sample, per layer",
+                True,
+            ),
+            (
+                "dw_",
+                r"$\|\Delta W\|$",
+                "W",
+                "oja_update_norms",
+                "Supp. Fig. S1 C-D: norm of the whole "
+                "update ‖ΔW_ℓ‖ of the rule on the next training sample, per layer",
+                True,
+            ),
+        ):
+            pattern = rf"{prefix}\d+"
+            if not any(any(re.fullmatch(pattern, c) for c in t.columns) for t in tables):
+                continue
+            name = layer_curves_figure(
+                fruns, tables, prefix, ylabel, symbol, out, f"{stem}.png", context, log
+            )
+            items.append(("img", name, f"{what}. {context}. {band} One panel per run, shared y-axis."))
+        name = explained_variance_figure(fruns, arrays, out, "oja_explained_variance.png", context)
+        items.append(
+            (
+                "img",
+                name,
+                "Fig. 3: cumulative fraction of the variance of each hidden layer's activations (probe "
+                "images, end of the stream) explained by its first k principal components (log k). "
+                f"{context}. Line: mean over trials; band: {BAND}.",
+            )
+        )
+        for run, _, data in feed:
+            if "images" in data:
+                name = reconstructions_figure(run, data, out, f"oja_reconstructions_{_slug(run.label)}.png")
+                caption = (
+                    f"Fig. 4: probe images (left) and the input reconstructed from each hidden layer's "
+                    f"activations through the transposed forward weights (x̂ = W_1ᵀ…W_ℓᵀ y_ℓ), trial 0 at "
+                    f"the end of the stream, {run.label}. Each image on its own grey scale."
+                )
+                items.append(("img", name, caption))
+    recurrent = [(r, a) for r, t, a in found if "state_norm" in a]
+    if recurrent:
+        rruns, rarrays = zip(*recurrent)
+        context = context_line(list(rruns))
+        name = state_norms_figure(rruns, rarrays, out, "oja_state_norms.png", context)
+        caption = f"RNN state norm ‖z_t‖ over the sequence at the end of the stream. {context}. {band}"
+        items.append(("img", name, caption))
+    return items
 
 
 def write_report(
@@ -747,6 +1022,7 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook")
+    _oja_relabel(runs)
     _unique_labels(runs)
     meta = [r for r in runs if r.kind == "meta"]
     online = [r for r in runs if r.kind == "online"]

@@ -11,7 +11,15 @@ import warnings
 from pathlib import Path
 
 from metaplast.analysis.rundir import RunError
-from metaplast.analysis.sweeps import SweepError, check_threshold, markdown, report
+from metaplast.analysis.sweeps import (
+    SweepError,
+    check_threshold,
+    markdown,
+    online_grid_markdown,
+    online_grid_report,
+    online_jobs,
+    report,
+)
 
 PROG = "metaplast.sweep"
 
@@ -73,6 +81,11 @@ def main(argv=None) -> None:
                 if not directory.is_dir():
                     raise SweepError(f"{str(directory)!r} is not a directory")
             out = check_out(args.out or args.dirs[0] / "summary")
+            if online_jobs(args.dirs):  # a grid search of online evaluations (+eval_experiment=oja_grid)
+                grid = online_grid_report(args.dirs, out)
+                print(online_grid_markdown(grid))
+                print(f"wrote {out}/grid.csv, grid.md")
+                return
             table = report(args.dirs, out, args.threshold, args.last)
     except (SweepError, RunError) as error:
         fail(str(error))

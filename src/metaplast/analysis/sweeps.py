@@ -16,10 +16,12 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from metaplast.analysis.results import RESULT, accuracy_summary, check_last, surviving_terms
 from metaplast.analysis.rundir import RunDir, RunError, job_paths, theta_term
+from metaplast.analysis.stats import bootstrap_ci
 from metaplast.safety import save_figure, write_text
 
 log = logging.getLogger("metaplast")
@@ -237,4 +239,89 @@ def report(directories, out: Path, threshold: float | None = None, last: int | N
     write_text(out / "sweep.csv", table.to_csv(index=False))
     write_text(out / "sweep.md", markdown(table))
     plot(table, out)
+    return table
+
+
+# ---------------------------------------------------------------- online grid searches (Oja paper)
+
+
+def online_jobs(directories) -> bool:
+    """Whether every job under ``directories`` is an online evaluation (``online.csv``, no metrics.csv)."""
+    jobs = find_jobs(directories)
+    return bool(jobs) and all(RunDir.is_run(j) and RunDir(j).kind == "online" for j in jobs)
+
+
+def online_grid(directories, score: str = "val_acc") -> pd.DataFrame:
+    """One row per online-evaluation job of a grid search (``+eval_experiment=oja_grid``): its swept
+    overrides, Θ (``theta_<r>`` from ``theta.json``), and at the end of the stream the mean over
+    trials of ``score`` (default the validation accuracy, held out of the training stream), its 98 %
+    bootstrap CI, and the test accuracy (shown, never used to choose); sorted best first, ``best``
+    marks the pair with the highest ``score``. Diverged trials count as chance-free failures: a job
+    with any diverged trial is ranked by its finite trials but ``diverged`` says how many."""
+    rows = []
+    for path in find_jobs(directories):
+        try:
+            job = RunDir(path)
+            if job.kind != "online":
+                raise RunError(f"{str(path)!r} is not an online evaluation")
+            table = job.table
+        except (RunError, OSError) as error:
+            log.warning("skipped job %s: %s", path, " ".join(str(error).split()))
+            continue
+        if score not in table:
+            raise SweepError(
+                f"{str(path)!r}: online.csv has no {score!r} column; run the grid with online.validation > 0"
+            )
+        end = table[table["sample"] == table["sample"].max()]
+        values = end[score].to_numpy(float)
+        finite = values[np.isfinite(values)]
+        row = {"job": str(path), **{k: v for k, v in job.overrides.items() if k not in ("eval_experiment",)}}
+        theta = job.theta_json
+        row.update({f"theta_{r}": float(v) for r, v in zip(theta.get("terms", []), theta.get("theta", []))})
+        low, high = bootstrap_ci(finite) if finite.size else (float("nan"), float("nan"))
+        row.update(
+            samples=int(end["sample"].iloc[0]),
+            trials=len(end),
+            diverged=int(end["diverged"].sum()) if "diverged" in end else 0,
+            score=score,
+            value=float(finite.mean()) if finite.size else float("nan"),
+            value_lo=low,
+            value_hi=high,
+            test_acc=float(np.nanmean(end["acc"].to_numpy(float))) if finite.size else float("nan"),
+        )
+        rows.append(row)
+    if not rows:
+        raise SweepError(f"no readable online evaluation under {', '.join(map(str, directories))}")
+    table = pd.DataFrame(rows).sort_values("value", ascending=False, na_position="last", kind="stable")
+    table = table.reset_index(drop=True)
+    table["best"] = False
+    if table["value"].notna().any():
+        table.loc[0, "best"] = True
+    return table
+
+
+def online_grid_markdown(table: pd.DataFrame) -> str:
+    """The grid table in Markdown, best first, with a note saying what each number is."""
+    score = table["score"].iloc[0]
+    shown = table.drop(columns=["job", "score"]).copy()
+    shown[f"{score} (98% CI)"] = [
+        f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(shown.value, shown.value_lo, shown.value_hi)
+    ]
+    shown = shown.drop(columns=["value", "value_lo", "value_hi"])
+    shown["best"] = ["**best**" if b else "" for b in shown["best"]]
+    note = (
+        f"\n{score}: accuracy at the end of the stream on the validation images held out of the training "
+        "stream (never streamed, never the test split), mean over trials with a 98 % bootstrap CI; the "
+        f"best pair is chosen by {score} alone. test_acc (the test split) is shown, not used to choose.\n"
+    )
+    return shown.to_markdown(index=False, floatfmt=".4g") + "\n" + note
+
+
+def online_grid_report(directories, out: Path, score: str = "val_acc") -> pd.DataFrame:
+    """Write ``grid.csv`` and ``grid.md`` (:func:`online_grid`) into ``out``; return the table."""
+    table = online_grid(directories, score)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "grid.csv", table.to_csv(index=False))
+    write_text(out / "grid.md", online_grid_markdown(table))
     return table

@@ -12,15 +12,18 @@ The update is :func:`metaplast.core.inner_loop.adapt`, the metrics
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import pandas as pd
 import torch
 from hydra.core.config_store import ConfigStore
@@ -28,9 +31,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metaplast.analysis.rundir import RunDir, RunError
+from metaplast.core.analyses import (
+    activation_norms,
+    explained_variance,
+    reconstruct_input,
+    reconstruction_error,
+    update_norms,
+)
 from metaplast.core.inner_loop import adapt
 from metaplast.core.metrics import episode_metrics
 from metaplast.core.pathways import PATHWAYS
+from metaplast.core.recurrent import RECURRENT_TERMS as RECURRENT_RULES
+from metaplast.core.recurrent import RNN, RecurrentLearner
 from metaplast.core.rules import Rule
 from metaplast.core.terms import TERMS
 from metaplast.data import DataError, trial_generators
@@ -42,6 +54,7 @@ from metaplast.run.config import (
     ConfigError,
     DatasetConfig,
     FeedbackConfig,
+    LoggerConfig,
     ModelConfig,
     RuleConfig,
     build_learner,
@@ -53,11 +66,19 @@ from metaplast.run.config import (
     check_rule,
     check_schema,
     check_seed,
+    hidden_sizes,
     resolve_all,
 )
 from metaplast.run.data import load_data
 from metaplast.run.memory import TooLarge, check_fits, online_estimate
-from metaplast.safety import CheckpointError, DirectoryLock, DivergenceError, load_checkpoint, write_text
+from metaplast.safety import (
+    CheckpointError,
+    DirectoryLock,
+    DivergenceError,
+    load_checkpoint,
+    write_bytes,
+    write_text,
+)
 
 log = logging.getLogger("metaplast")
 
@@ -70,15 +91,35 @@ class OnlineConfig:
     stream_split: str = "train"
     test_split: str = "test"
     test_per_class: int | None = None  # None: the whole test split
+    validation: int = 0  # images of the stream split held out of every stream: val_acc (grid searches)
+    analyses: bool = False  # per-layer analyses (Oja paper Figs. 2-4, 6, S1): analyses.csv, analyses.npz
+    probe: int = 256  # analyses: test images whose activations are analysed
+    images: int = 8  # analyses: of the probe images, those reconstructed through W^T (Fig. 4)
+
+
+#: ``model.kind`` of online evaluation: the MLP, or the Oja paper's recurrent network (Fig. 7).
+ModelKind = Enum("ModelKind", {"mlp": "mlp", "rnn": "rnn"})
+
+
+@dataclass
+class EvalModelConfig(ModelConfig):
+    """The model of online evaluation: training's, and the recurrent network of the Oja paper's Fig. 7
+    (``kind=rnn``: one recurrent layer of width ``hidden[0]``, the image for ``show`` steps, blanks
+    to step ``length``, the label asked at the end; trained by BPTT (rule f0) or BPTT+Oja (rule oja))."""
+
+    kind: ModelKind = ModelKind.mlp
+    show: int = 5
+    length: int = 50
 
 
 @dataclass
 class EvaluateConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
     rule: RuleConfig = field(default_factory=RuleConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # W&B (job_type evaluate) after the pass
     theta: Any = None  # θ_r by term id; the rule picks its terms
     from_run: str | None = None  # a meta-training run directory: its rule and final Θ
     from_trial: int | None = None  # which trial's Θ of from_run; None: the mean over trials
@@ -212,6 +253,21 @@ def validate_evaluate(cfg) -> list[int]:
         value = getattr(online, name)
         if value is not None and (not isinstance(value, int) or not 1 <= value <= INT_LIMIT):
             raise ConfigError(f"online.{name}={value} is not allowed; allowed: null or an integer >= 1")
+    for name, low in (("validation", 0), ("probe", 2), ("images", 0)):
+        value = getattr(online, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT_LIMIT:
+            raise ConfigError(f"online.{name}={value} is not allowed; allowed: an integer >= {low}")
+    if online.images > online.probe:
+        raise ConfigError(
+            f"online.images={online.images} is not allowed; allowed: at most online.probe={online.probe}"
+        )
+    if online.validation and online.stream_split == online.test_split:
+        raise ConfigError(
+            f"online.validation={online.validation} is not allowed with online.stream_split = "
+            f"online.test_split = {online.test_split!r}; allowed: 0, or a stream split other than the test "
+            "split (the validation images are held out of the stream, never taken from the test split)"
+        )
+    _check_recurrent(cfg, hidden)
     for name in ("stream_split", "test_split"):
         if getattr(online, name) not in SPLITS:
             raise ConfigError(
@@ -245,6 +301,43 @@ def validate_evaluate(cfg) -> list[int]:
     return hidden
 
 
+def _check_recurrent(cfg, hidden) -> None:
+    """``model.kind=rnn``: one recurrent width, ``1 <= show <= length``, BPTT's feedback (bp),
+    rule f0 (BPTT) or oja (BPTT+Oja)."""
+    model = cfg.model
+    if model.kind.value != "rnn":
+        return
+    for name, value, low, high in (
+        ("length", model.length, 1, INT_LIMIT),
+        ("show", model.show, 1, model.length),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(
+                f"model.{name}={value} is not allowed; allowed: an integer in {low}..{high}"
+                + (" (model.length)" if name == "show" else "")
+            )
+    if len(hidden) != 1:
+        raise ConfigError(
+            f"model.hidden={hidden} is not allowed with model.kind=rnn; allowed: one width, e.g. [100]"
+        )
+    if cfg.feedback.kind.value != "bp":
+        raise ConfigError(
+            f"feedback.kind={cfg.feedback.kind.value!r} is not allowed with model.kind=rnn; allowed: bp "
+            "(BPTT sends errors back through the transposed weights)"
+        )
+    terms = build_rule(cfg).terms
+    if terms not in RECURRENT_RULES:
+        raise ConfigError(
+            f"rule.terms={list(terms)} is not allowed with model.kind=rnn; allowed: f0 (BPTT) or oja "
+            "(BPTT+Oja)"
+        )
+    if model.bias or model.loss.value != "cross_entropy":
+        raise ConfigError(
+            "model.bias/model.loss are not allowed with model.kind=rnn; allowed: bias=false, "
+            "loss=cross_entropy"
+        )
+
+
 def _check_memory(cfg, hidden, input_dim: int, output_dim: int, test_images: int) -> None:
     estimate = online_estimate(
         [input_dim, *hidden, output_dim], cfg.online.trials, test_images, cfg.online.every
@@ -273,14 +366,6 @@ def _result(value, diverged: bool) -> float:
     return float("nan") if diverged else float(value)
 
 
-def _finite_trials(state, metrics) -> torch.Tensor:
-    """Per trial: whether its weights, test loss and alignment metrics are all finite."""
-    finite = metrics["loss"].isfinite()
-    for value in [*state.weights, metrics["angle"], metrics["orth"]]:
-        finite = finite & value.reshape(len(finite), -1).isfinite().all(1)
-    return finite
-
-
 def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """The online pass; writes ``online.csv`` and ``theta.json`` under ``out_dir`` and returns the table.
 
@@ -293,17 +378,135 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         return _run(cfg, Path(out_dir), hidden)
 
 
+def _finite_trials(state, metrics) -> torch.Tensor:
+    """Per trial: whether its weights, test loss and alignment metrics (or state norms) are all finite."""
+    finite = metrics["loss"].isfinite()
+    tensors = [metrics[k] for k in ("angle", "orth", "state_norm") if k in metrics]
+    for value in [*state.weights, *tensors]:
+        finite = finite & value.reshape(len(finite), -1).isfinite().all(1)
+    return finite
+
+
+def build_online_learner(cfg, input_dim: int, output_dim: int, rule: Rule):
+    """The learner of an evaluation config: the MLP learner of training, or for ``model.kind=rnn``
+    the recurrent network trained by BPTT(+Oja) (:class:`metaplast.core.recurrent.RecurrentLearner`)."""
+    model = cfg.model
+    if model.kind.value != "rnn":
+        return build_learner(typed_evaluate(cfg), input_dim, output_dim, rule)
+    hidden = hidden_sizes(model)
+    network = RNN(
+        input_dim,
+        hidden[0],
+        output_dim,
+        show=model.show,
+        length=model.length,
+        activation=model.activation.value,
+        beta=model.beta,
+        init=model.init.value,
+        init_std=model.init_std,
+    )
+    return RecurrentLearner(network, rule)
+
+
+def _accuracy(learner, state, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-trial accuracy of the current network on ``x (T, N, d)``."""
+    if isinstance(learner, RecurrentLearner):
+        logits = learner.network.logits(state.weights, x)
+    else:
+        logits = learner.network.forward(state.weights, x, state.biases)[1][-1]
+    return (logits.argmax(-1) == y).to(logits.dtype).mean(1)
+
+
+def _held_out_order(cfg, size: int, length: int, trials: list[int]):
+    """The validation images (indices into the stream split, shared by all trials) and each trial's
+    stream order drawn from the remaining images only: no validation image is ever streamed."""
+    online = cfg.online
+    order_generators = trial_generators(cfg.seed, trials, 1)
+    if not online.validation:
+        order = torch.stack([torch.randperm(size, generator=g)[:length] for g in order_generators])
+        return torch.zeros(0, dtype=torch.long), order
+    held = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.seed))
+    validation, pool = held[: online.validation], held[online.validation :]
+    order = torch.stack([pool[torch.randperm(len(pool), generator=g)[:length]] for g in order_generators])
+    return validation, order
+
+
+class Analyses:
+    """The Oja paper's per-layer analyses of the probe images, at every test point of the online pass
+    (:mod:`metaplast.core.analyses`): ``‖y_ℓ‖`` (Fig. 6), Eq. 2's reconstruction error (Fig. 2),
+    the update norms ``‖ΔW_ℓ‖`` and backprop's ``‖ΔW_BP,ℓ‖`` on the next stream sample (Supp. Fig. S1)
+    into ``analyses.csv``; PCA's cumulative explained variance of each hidden layer (Fig. 3) and, at
+    the end, the first ``online.images`` probe images reconstructed from each hidden layer through
+    the transposed forward weights (Fig. 4) into ``analyses.npz``. For the recurrent net: the state
+    norms ``‖z_t‖`` of the probe sequences, t = 1..T (``state_norm``, in the npz)."""
+
+    def __init__(self, learner, probe: torch.Tensor, probe_labels: torch.Tensor, images: int):
+        self.learner, self.probe, self.probe_labels, self.images = learner, probe, probe_labels, images
+        self.recurrent = isinstance(learner, RecurrentLearner)
+        self.rows: list[dict] = []
+        self.samples: list[int] = []
+        self.series: dict[str, list] = {}
+
+    def record(self, state, meta, seen: int, trials, diverged, upcoming=None) -> None:
+        """Measure at ``seen`` samples; ``upcoming = (x, y)``: the next stream sample of each trial."""
+        self.samples.append(seen)
+        if self.recurrent:
+            norms = self.learner.metrics(state, self.probe, self.probe_labels)["state_norm"]
+            self.series.setdefault("state_norm", []).append(norms.double().numpy())
+            return
+        network = self.learner.network
+        ys, _ = network.forward(state.weights, self.probe, state.biases)
+        columns = {"norm": activation_norms(ys)}
+        if len(ys) > 2:
+            columns["recon"] = reconstruction_error(network, state.weights, ys)
+        for layer in range(1, len(ys) - 1):
+            variance = explained_variance(ys[layer].double())
+            self.series.setdefault(f"ev_{layer}", []).append(variance.numpy())
+        if upcoming is not None:
+            columns["dw"], columns["dw_bp"] = update_norms(self.learner, state, meta, *upcoming)
+        for i, trial in enumerate(trials):
+            row = {"sample": seen, "trial": trial}
+            for name, values in columns.items():
+                first = 0 if name == "norm" else 1
+                for index, value in enumerate(values[i].tolist()):
+                    row[f"{name}_{index + first}"] = _result(value, bool(diverged[i]))
+            self.rows.append(row)
+
+    def write(self, state, out_dir: Path) -> None:
+        arrays = {"samples": np.asarray(self.samples)}
+        arrays.update({name: np.stack(values) for name, values in self.series.items()})
+        if not self.recurrent and self.images:
+            x = self.probe[:, : self.images]
+            arrays["images"] = x[0].double().numpy()
+            ys, _ = self.learner.network.forward(state.weights, x, state.biases)
+            for layer in range(1, len(ys) - 1):
+                arrays[f"recon_{layer}"] = reconstruct_input(state.weights, ys[layer], layer).double().numpy()
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_bytes(out_dir / "analyses.npz", buffer.getvalue())
+        if self.rows:
+            table = pd.DataFrame(self.rows)
+            write_text(out_dir / "analyses.csv", table.to_csv(index=False, quoting=csv.QUOTE_MINIMAL))
+
+
 @torch.no_grad()
 def _run(cfg: DictConfig, out_dir: Path, hidden: list[int]) -> pd.DataFrame:
     online = cfg.online
     rule, theta_row = resolve_theta(cfg, len(hidden) + 1)
     stream = load_data(cfg, online.stream_split)
     test = load_data(cfg, online.test_split)
-    length = stream.images.shape[0] if online.samples is None else online.samples
-    if length > stream.images.shape[0]:
+    available = stream.images.shape[0] - online.validation
+    if available < 1:
         raise ConfigError(
-            f"online.samples={length} is not allowed; allowed: at most {stream.images.shape[0]}, "
-            f"the size of the {online.stream_split!r} split of {cfg.dataset.name!r}"
+            f"online.validation={online.validation} is not allowed; allowed: fewer than the "
+            f"{stream.images.shape[0]} images of the {online.stream_split!r} split of {cfg.dataset.name!r}"
+        )
+    length = available if online.samples is None else online.samples
+    if length > available:
+        held = f" less the online.validation={online.validation} held out" if online.validation else ""
+        raise ConfigError(
+            f"online.samples={length} is not allowed; allowed: at most {available}, "
+            f"the size of the {online.stream_split!r} split of {cfg.dataset.name!r}{held}"
         )
     if stream.images.shape[1] != test.images.shape[1]:
         raise DataError(
@@ -316,14 +519,19 @@ def _run(cfg: DictConfig, out_dir: Path, hidden: list[int]) -> pd.DataFrame:
         keep = _subsample_per_class(y_test, online.test_per_class, torch.Generator().manual_seed(cfg.seed))
         x_test, y_test = x_test[keep], y_test[keep]
     _check_memory(cfg, hidden, stream.images.shape[1], classes, len(y_test))
-    learner = build_learner(typed_evaluate(cfg), stream.images.shape[1], classes, rule)
+    learner = build_online_learner(cfg, stream.images.shape[1], classes, rule)
     trials = list(range(online.trials))
     init_generators = trial_generators(cfg.seed, trials, 0)
-    order_generators = trial_generators(cfg.seed, trials, 1)
-    order = torch.stack(
-        [torch.randperm(stream.images.shape[0], generator=g)[:length] for g in order_generators]
-    )
+    validation, order = _held_out_order(cfg, stream.images.shape[0], length, trials)
     T = len(trials)
+    x_val = stream.images[validation].expand(T, len(validation), -1)
+    y_val = stream.labels[validation].expand(T, len(validation))
+    analyses = None
+    if online.analyses:
+        picks = torch.randperm(len(y_test), generator=torch.Generator().manual_seed(cfg.seed + 1))
+        picks = picks[: online.probe]
+        probe = x_test[picks].expand(T, len(picks), -1)
+        analyses = Analyses(learner, probe, y_test[picks].expand(T, len(picks)), online.images)
     x_test = x_test.expand(T, *x_test.shape)
     y_test = y_test.expand(T, *y_test.shape)
     kind = cfg.feedback.kind.value
@@ -341,6 +549,9 @@ def _run(cfg: DictConfig, out_dir: Path, hidden: list[int]) -> pd.DataFrame:
                 "feedback": kind,
                 "dataset": cfg.dataset.name,
                 "synthetic": stream.synthetic,
+                "model": cfg.model.kind.value,
+                "sizes": list(learner.network.sizes),
+                "validation": int(online.validation),
             },
             indent=1,
         ),
@@ -350,7 +561,10 @@ def _run(cfg: DictConfig, out_dir: Path, hidden: list[int]) -> pd.DataFrame:
     diverged = torch.zeros(T, dtype=torch.bool)
     diverged_at: dict[int, int] = {}
     while True:
-        metrics = episode_metrics(learner, state, x_test, y_test)
+        if isinstance(learner, RecurrentLearner):
+            metrics = learner.metrics(state, x_test, y_test)
+        else:
+            metrics = episode_metrics(learner, state, x_test, y_test)
         if "acc" not in metrics:  # a loss without accuracy (mse): the output's argmax
             output = learner.network.forward(state.weights, x_test, state.biases)[1][-1]
             metrics["acc"] = (output.argmax(-1) == y_test).to(output.dtype).mean(1)
@@ -361,23 +575,33 @@ def _run(cfg: DictConfig, out_dir: Path, hidden: list[int]) -> pd.DataFrame:
         finite = ~diverged
         if finite.any():
             log.info("sample %d/%d: test accuracy %.3f", seen, length, float(metrics["acc"][finite].mean()))
+        val_acc = _accuracy(learner, state, x_val, y_val) if online.validation else None
         for i, t in enumerate(trials):
             blank = bool(diverged[i])
             row = {"sample": seen, "trial": t}
             row["acc"], row["loss"] = _result(metrics["acc"][i], blank), _result(metrics["loss"][i], blank)
-            row.update({f"angle_{l}": _result(a, blank) for l, a in enumerate(metrics["angle"][i])})
-            row.update({f"orth_{l + 1}": _result(e, blank) for l, e in enumerate(metrics["orth"][i])})
+            if val_acc is not None:
+                row["val_acc"] = _result(val_acc[i], blank)
+            if "angle" in metrics:
+                row.update({f"angle_{l}": _result(a, blank) for l, a in enumerate(metrics["angle"][i])})
+                row.update({f"orth_{l + 1}": _result(e, blank) for l, e in enumerate(metrics["orth"][i])})
             row["diverged"] = int(blank)
             rows.append(row)
-        if seen >= length or diverged.all():
-            break
+        done = seen >= length or diverged.all()
         chunk = order[:, seen : seen + online.every]
         x = stream.images[chunk]
         y = stream.labels[chunk]
+        if analyses is not None:
+            upcoming = None if done else (x[:, :1], y[:, :1])
+            analyses.record(state, meta, seen, trials, diverged, upcoming)
+        if done:
+            break
         state = adapt(learner, state, meta, x, y)
         seen += chunk.shape[1]
     table = pd.DataFrame(rows)
     write_text(out_dir / "online.csv", table.to_csv(index=False, quoting=csv.QUOTE_MINIMAL))
+    if analyses is not None:
+        analyses.write(state, out_dir)
     if diverged_at:
         first = min(diverged_at.values())
         log.warning(
@@ -400,9 +624,17 @@ def _run(cfg: DictConfig, out_dir: Path, hidden: list[int]) -> pd.DataFrame:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def hydra_main(cfg: DictConfig) -> None:
     """Every failure is one line with exit code 2 (3: every trial diverged), unless ``verbose=true``
-    or ``HYDRA_FULL_ERROR=1`` asks for the traceback (:mod:`metaplast.run.cli`)."""
+    or ``HYDRA_FULL_ERROR=1`` asks for the traceback (:mod:`metaplast.run.cli`). The pass goes to W&B
+    afterwards (``logger``; :func:`metaplast.run.tracking.log_evaluation`)."""
+    from metaplast.run.cli import check_sweep_preset, quiet_third_party
+    from metaplast.run.tracking import log_evaluation
+
+    quiet_third_party(bool(cfg.get("verbose")))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        table = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        check_sweep_preset("metaplast.evaluate", "eval_experiment")
+        table = run(cfg, out_dir)
+        log_evaluation(cfg, out_dir, table)
     except Exception as error:
         if traceback_wanted(cfg):
             raise
