@@ -83,11 +83,14 @@ def test_every_flp_preset_is_tested():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_flp_preset_runs_end_to_end_and_meta_tests(preset, tmp_path):
-    cfg = compose_with(f"+experiment={preset}", *PRESETS[preset])
+    cfg = compose_with(f"+experiment={preset}", *PRESETS[preset], "rule.theta_init=0")
     order = preset.rsplit("_", 1)[1]
     assert cfg.task.order.value == order and cfg.rule.terms == "flp" and cfg.feedback.kind.value == "flp"
     module = train(cfg, tmp_path)
     assert module.global_step == 1
+    # rule.nonnegative: Adam's first step from α = 0 is ±lr per synapse; the negative ones are projected to 0
+    alphas = module.meta.groups()["theta"][-1]
+    assert alphas.min() >= 0 and (alphas == 0).any() and (alphas > 0).any()
     result = json.loads((tmp_path / "meta_test.json").read_text())
     depth = len(cfg.model.hidden) + 1
     assert result["order"] == order and len(result["loss"]["trials"]) == 2
@@ -267,6 +270,7 @@ def test_task_options_are_checked():
         (["+experiment=flp_sine_iid", "model.bias=false"], "model.learn_bias"),
         (["+experiment=flp_sine_iid", "rule.plastic=9"], "rule.plastic"),
         (["+experiment=flp_sine_iid", "task.test_classes=3"], "task.test_classes"),
+        (["+experiment=flp_sine_iid", "rule.theta_init=-1e-3"], "rule.nonnegative"),
     ):
         with pytest.raises(ConfigError, match=field):
             validate(compose_with(*overrides))

@@ -90,6 +90,8 @@ class RuleConfig:
     term_scale: Any = None  # null (plain Adam), auto (measured) or {term id: s}: Adam on s_r θ_r
     share: Sharing = Sharing.all  # Θ for all layers, per layer, or per synapse
     plastic: int | None = None  # only the top N layers use rule.terms, those below are frozen ('none')
+    # project Θ onto θ >= 0 after every meta-step (FLP's α: Oja's rule with α < 0 grows without bound)
+    nonnegative: bool = False
 
 
 @dataclass
@@ -522,6 +524,12 @@ def check_task(cfg) -> None:
             )
     elif _value(cfg.model.loss) != "cross_entropy":
         _fail("model.loss", _value(cfg.model.loss), "cross_entropy for task.family=classify")
+    if cfg.rule.nonnegative and min(cfg.rule.theta0_init, cfg.rule.theta_init) < 0:
+        _fail(
+            "rule.nonnegative",
+            True,
+            "false, or rule.theta0_init and rule.theta_init >= 0 (Θ is kept in θ >= 0)",
+        )
     if cfg.model.learn_bias and not cfg.model.bias:
         _fail("model.learn_bias", True, "false, or model.bias=true (there are no biases to learn)")
 

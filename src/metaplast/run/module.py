@@ -293,6 +293,10 @@ class MetaPlasticity(L.LightningModule):
         values = [p.detach().clone() for p in params]
         optimizer.step(closure=optimizer_closure)
         self._scale_theta(multiply=False)
+        if self.cfg.rule.nonnegative:  # projected Adam: Θ stays in θ >= 0
+            with torch.no_grad():
+                for theta in self.meta.groups()["theta"]:
+                    theta.clamp_(min=0)
         episode, record, _ = self._episode
         finite = self._finite
         diverged = ~finite
