@@ -236,7 +236,6 @@ def build_rule(cfg) -> Rule:
     depth = len(hidden_sizes(cfg.model)) + 1
     per_layer = None if cfg.rule.per_layer is None else list(cfg.rule.per_layer)
     terms = cfg.rule.terms
-    if per_layer is None and terms is None:
     plastic = getattr(cfg.rule, "plastic", None)
     if plastic is not None:
         if per_layer is not None:
@@ -246,6 +245,7 @@ def build_rule(cfg) -> Rule:
         if OmegaConf.is_config(terms):
             terms = OmegaConf.to_container(terms)
         per_layer = ["none"] * (depth - plastic) + [terms] * plastic
+    if per_layer is None and terms is None:
         _fail("rule.terms", None, "a named rule (f0, pool, bio, ehebb, oja) or a list of term ids")
     if per_layer is not None and any(spec is None for spec in per_layer):
         _fail("rule.per_layer", per_layer, "one named rule or list of term ids per layer, none null")
@@ -483,7 +483,6 @@ def check_logger(logger) -> None:
             )
 
 
-def validate(cfg) -> Rule:
 def stream_length(cfg) -> int:
     """Samples in one episode's training stream: M K images, or the sine task's batches x meta.batch."""
     task = getattr(cfg, "task", None)
@@ -534,6 +533,7 @@ def check_task(cfg) -> None:
         _fail("model.learn_bias", True, "false, or model.bias=true (there are no biases to learn)")
 
 
+def validate(cfg) -> Rule:
     """Checks that need more than a type; returns the rule. Raises :class:`ConfigError`."""
     resolve_all(cfg)
     check_schema(cfg)
@@ -551,8 +551,8 @@ def check_task(cfg) -> None:
     check_model(cfg.model)
     check_feedback(cfg.feedback)
     check_dataset(cfg.dataset)
-    if not 0 < cfg.meta.backtrack < 1:
     check_task(cfg)
+    if not 0 < cfg.meta.backtrack < 1:
         _fail("meta.backtrack", cfg.meta.backtrack, "a number in (0, 1)")
     if _value(cfg.meta.sampling) == "authors" and cfg.model.remap_labels:
         allowed = "fresh with model.remap_labels=true (the authors' tasks can repeat a class)"

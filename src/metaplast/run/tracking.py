@@ -53,10 +53,10 @@ def episode_record(meta, terms, metrics: dict[str, torch.Tensor], total_loss: to
     record.update(meta_columns(meta, terms))
     record.update({f"angle/{l}": metrics["angle"][:, l] for l in range(metrics["angle"].shape[1])})
     record.update({f"orth/{l + 1}": metrics["orth"][:, l] for l in range(metrics["orth"].shape[1])})
-    # A copy: the meta-parameters change in place at the optimizer step, after the record is taken.
     for name, prefix in (("update_cos", "cos"), ("fb_angle", "fbangle")):  # metaplast.core.metrics
         if name in metrics:
             record.update({f"{prefix}/{l}": metrics[name][:, l] for l in range(metrics[name].shape[1])})
+    # A copy: the meta-parameters change in place at the optimizer step, after the record is taken.
     return {key: value.detach().double().cpu().clone() for key, value in record.items()}
 
 
