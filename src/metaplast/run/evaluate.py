@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metaplast.analysis.rundir import RunDir, RunError
@@ -636,6 +637,10 @@ def hydra_main(cfg: DictConfig) -> None:
         table = run(cfg, out_dir)
         log_evaluation(cfg, out_dir, table)
     except Exception as error:
+        if isinstance(error, DivergenceError) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # a grid search goes on: this job's online.csv flags every trial diverged (no score)
+            log.error("%s", " ".join(str(error).split()))
+            return
         if traceback_wanted(cfg):
             raise
         fail(error)
