@@ -281,3 +281,14 @@ def test_omniglot_absent_is_one_clear_error(tmp_path):
 
     with pytest.raises(DataError, match=r"omniglot-py/images_evaluation is not there.*dataset=glyphs"):
         load_dataset("omniglot", tmp_path, "test", download=False)
+
+
+def test_meta_test_summaries_count_diverged_episodes_and_leave_them_out():
+    from metaplast.run.module import episode_mean, summary
+
+    values = torch.tensor([[1.0, float("nan")], [3.0, 5.0]])  # (episodes, trials)
+    mean = episode_mean(values, values.isfinite())
+    assert mean.tolist() == [2.0, 5.0]
+    found = summary(torch.tensor([2.0, float("nan"), 4.0]))
+    assert (found["mean"], found["n"]) == (3.0, 2)
+    assert found["se"] == pytest.approx(math.sqrt(2.0) / math.sqrt(2.0))
