@@ -33,7 +33,18 @@ def data_root(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_API_KEY", None)
+    # One code version for every run of the session: a commit by someone else between two runs of one
+    # test must not make a resume refuse (tests of the version itself set or unset it).
+    os.environ["METAPLAST_CODE_VERSION"] = "0.0.0+tests"
     return root
+
+
+@pytest.fixture(autouse=True)
+def job_index(tmp_path_factory, monkeypatch):
+    """Each test its own job index (``resume``): runs of other tests, or of the user, are not found."""
+    index = tmp_path_factory.mktemp("jobs")
+    monkeypatch.setenv("METAPLAST_JOBS", str(index))
+    return index
 
 
 @pytest.fixture

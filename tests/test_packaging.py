@@ -157,10 +157,11 @@ conf = files("metaplast.conf")
 out["conf"] = str(conf)
 composed = out["composed"] = []
 with initialize_config_module("metaplast.conf", version_base="1.3"):
-    for group in ("dataset", "model", "rule", "feedback", "reg", "meta", "logger", "trainer", "experiment"):
+    groups = ("dataset", "model", "rule", "feedback", "reg", "meta", "logger", "trainer", "experiment")
+    for group in (*groups, "eval_experiment"):
         for option in sorted(p.name[:-5] for p in conf.joinpath(group).iterdir() if p.name.endswith(".yaml")):
-            online = group == "experiment" and option.endswith("_online")  # presets of metaplast.evaluate
-            plus = "+" if group == "experiment" else ""
+            online = group == "eval_experiment"  # presets of metaplast.evaluate
+            plus = "+" if group.endswith("experiment") else ""
             compose("evaluate" if online else "config", overrides=[f"{plus}{group}={option}"])
             composed.append(f"{group}/{option}")
     for group in ("launcher", "sweeper"):

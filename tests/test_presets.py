@@ -20,7 +20,7 @@ TRAIN_PRESETS = {  # preset: (rule terms or per_layer, feedback, regulariser)
     "s5": ("pool", "fa", "none"),
     "table1": (None, "fa", "none"),
 }
-ONLINE_PRESETS = ("fig1_online", "s4_online", "s6_online")
+ONLINE_PRESETS = ("fig1_online", "s4_online", "s6_online")  # +eval_experiment=<name> of metaplast.evaluate
 
 
 def compose_with(config, *overrides, hydra=False):
@@ -31,8 +31,11 @@ def compose_with(config, *overrides, hydra=False):
 
 def test_every_preset_file_is_tested():
     names = {p.stem for p in (Path(CONF) / "experiment").glob("*.yaml")}
-    names -= {n for n in names if n.startswith("flp_")}  # tested in test_flp_runner.py
-    assert names == set(TRAIN_PRESETS) | set(ONLINE_PRESETS)
+    names -= {n for n in names if n.startswith(("flp_", "oja_"))}  # test_flp_runner.py, test_oja_paper.py
+    assert names == set(TRAIN_PRESETS)
+    online = {p.stem for p in (Path(CONF) / "eval_experiment").glob("*.yaml")}
+    online -= {n for n in online if n.startswith("oja_")}  # tested in test_oja_paper.py
+    assert online == set(ONLINE_PRESETS)
 
 
 @pytest.mark.parametrize("preset", sorted(TRAIN_PRESETS))
@@ -74,12 +77,12 @@ def test_train_preset_starts(preset, tmp_path):
 
 @pytest.mark.parametrize("preset", ONLINE_PRESETS)
 def test_online_preset_composes_and_starts(preset, tmp_path):
-    cfg = compose_with("evaluate", f"+experiment={preset}")
+    cfg = compose_with("evaluate", f"+eval_experiment={preset}")
     assert cfg.online.samples is None and cfg.online.trials == 20  # one epoch, the papers' 20 trials
     assert cfg.dataset.name == ("fashion_mnist" if preset == "s4_online" else "mnist")
     if preset == "s6_online":
         assert cfg.feedback.init.value == "xavier_normal"
     tiny = ["dataset=glyphs", "dataset.per_class=12", "model.hidden=[16,12]", "online.trials=2"]
     tiny += ["online.samples=10", "online.every=5", "online.test_per_class=2"]
-    table = evaluate(compose_with("evaluate", f"+experiment={preset}", *tiny), tmp_path)
+    table = evaluate(compose_with("evaluate", f"+eval_experiment={preset}", *tiny), tmp_path)
     assert sorted(table["sample"].unique()) == [0, 5, 10]

@@ -159,10 +159,10 @@ def test_logged_scalars_leave_out_diverged_results():
     }
     scalars = logged_scalars(flag_diverged(record, torch.tensor([False, True, False])), [0, 1, 2])
     assert scalars["meta/loss"] == 2.0  # mean over the finite trials
-    assert "meta/loss/trial_1" not in scalars
-    assert scalars["theta/0/trial_1"] == pytest.approx(0.2)
+    assert "trials/meta/loss/trial_1" not in scalars
+    assert scalars["trials/theta/0/trial_1"] == pytest.approx(0.2)
     assert scalars["meta/diverged"] == pytest.approx(1 / 3)
-    assert scalars["meta/diverged/trial_1"] == 1.0
+    assert scalars["trials/meta/diverged/trial_1"] == 1.0
     assert all(math.isfinite(v) for v in scalars.values())
     everything = flag_diverged(record, torch.tensor([True, True, True]))
     assert set(logged_scalars(everything, [0, 1, 2])) >= {"theta/0", "meta/diverged"}

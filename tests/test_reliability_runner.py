@@ -645,7 +645,7 @@ def test_the_wandb_history_holds_the_episode_that_stopped_the_run(tmp_path):
     with pytest.raises(DivergenceError, match="the last being episode 1"):
         run(cfg, run_dir)
     steps = history(offline_run_file(run_dir))
-    episodes = [json.loads(row["trainer/global_step"]) for row in steps if "meta/diverged" in row]
+    episodes = [json.loads(row["episode"]) for row in steps if "meta/diverged" in row]
     assert episodes == [0, 1]  # the episode that stopped the run is there
     assert all(json.loads(row["meta/diverged"]) == 1.0 for row in steps if "meta/diverged" in row)
 

@@ -97,13 +97,14 @@ def test_submitit_local_job_completes_and_its_results_are_read_back(tmp_path):
     (run,) = [r.run for r in records(offline_run_file(job)) if r.WhichOneof("record_type") == "run"]
     assert run.run_group == "sweep"
     assert set(run.tags) == {"mine", "rule:ehebb", "feedback:fa", "reg:l1", "dataset:glyphs"}
-    assert "rule=ehebb,reg=l1,reg.lam=0.001" in run.display_name
+    assert run.display_name == "glyphs-ehebb-l1"  # nothing varies: the chosen groups' options
+    assert run.job_type == "train"
     keys = summary(offline_run_file(job))
     assert float(keys["final/meta_acc"]) == pytest.approx(result["final_meta_acc"])
     assert int(keys["final/surviving_terms"]) == result["surviving"]
     for trial, row in zip(result["trials"], result["theta"]):
         for term, value in zip(result["terms"], row):
-            assert float(keys[f"final/theta/{term}/trial_{trial}"]) == pytest.approx(value, rel=1e-12)
+            assert float(keys[f"trials/final/theta/{term}/trial_{trial}"]) == pytest.approx(value, rel=1e-12)
 
 
 def test_optuna_preset_runs_two_trials_and_keeps_the_best(tmp_path):
@@ -157,7 +158,8 @@ def test_sigterm_then_the_same_command_resumes_to_the_uninterrupted_theta(make_c
     assert not (killed / "result.json").exists()
 
     time.sleep(1.1)  # a new timestamped run directory
-    run_cli(*TINY, *overrides, cwd=tmp_path)
+    assert "the same command with resume=true continues it" in stderr
+    run_cli(*TINY, *overrides, "resume=true", cwd=tmp_path)
     resumed = max(tmp_path.glob("outputs/*/*"))
     assert resumed != killed
 

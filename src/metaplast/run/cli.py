@@ -124,3 +124,53 @@ def console(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
     main.__doc__ = hydra_main.__doc__
     main.__wrapped__ = hydra_main
     return main
+
+
+#: Loggers of libraries whose INFO lines (Lightning's GPU/TPU lines and tips, W&B's banners) are noise
+#: at metaplast's console; ``verbose=true`` shows them.
+NOISY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "wandb")
+#: Modules whose Python warnings (deprecations such as Lightning's ``_pytree`` one) are hidden the same way.
+NOISY_MODULES = (
+    r"(lightning|lightning_fabric|pytorch_lightning|torch|torchvision|wandb|pydantic|hydra|omegaconf)(\.|$)"
+)
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Third-party noise off (unless ``verbose``): INFO lines of Lightning and W&B, their deprecation
+    warnings, W&B's banners and closing summary (``WANDB_SILENT``, unless set)."""
+    import warnings
+
+    if verbose:
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=NOISY_MODULES)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def check_sweep_preset(command: str, group: str) -> None:
+    """A preset with ``hydra.sweeper.params`` run without ``-m`` would run its first condition only:
+    refuse, naming the ``-m`` command, unless every swept key is set on the command line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    params = hydra.sweeper.get("params") or {}
+    if hydra.mode == RunMode.MULTIRUN or not params:
+        return
+    given = {o.lstrip("+~").split("=", 1)[0] for o in hydra.overrides.task}
+    left = [str(key) for key in params if str(key) not in given]
+    if not left:
+        return
+    preset = hydra.runtime.choices.get(group)
+    where = f"+{group}={preset}" if preset else "the config"
+    swept = "; ".join(f"{key}: {params[key]}" for key in left)
+    args = " ".join(hydra.overrides.task)
+    from metaplast.run.config import ConfigError
+
+    raise ConfigError(
+        f"{where} sweeps {swept}, which needs -m (without it only the first condition would run); "
+        f"allowed: python -m {command} -m {args}, or set {', '.join(left)} on the command line to run one"
+    )

@@ -187,7 +187,8 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     seed: int = 0
     ckpt_path: str | None = None
-    resume: bool = True
+    resume: str = "auto"  # auto (sweeps, requeued jobs), true or false: metaplast.run.resume
+    jobs_dir: str | None = None  # the job index; null: $METAPLAST_JOBS or ~/.local/state/metaplast/jobs
     verbose: bool = False  # a failure shows its traceback (else one line, metaplast.run.cli)
 
 
@@ -576,6 +577,8 @@ def validate(cfg) -> Rule:
         _fail(
             "ckpt_path", cfg.ckpt_path, "null (start afresh or auto-resume) or the path of a checkpoint file"
         )
+    if str(cfg.get("resume", "auto")).strip().lower() not in ("auto", "true", "false"):
+        _fail("resume", cfg.resume, "auto (take over earlier runs in sweeps and requeued jobs), true, false")
     check_logger(cfg.logger)
     rule = check_rule(cfg)
     depth = len(rule.layer_terms)

@@ -1,4 +1,5 @@
-"""Where results go: one CSV row per episode and trial, W&B key names and mode."""
+"""Where results go: one CSV row per episode and trial; W&B: key names, mode, the step metric, the
+summary, artifacts and run names."""
 
 from __future__ import annotations
 
@@ -82,8 +83,13 @@ def flag_diverged(record: dict[str, torch.Tensor], diverged: torch.Tensor) -> di
     return flagged
 
 
+#: The W&B section of per-trial values: ``trials/<key>/trial_<i>``, apart from the means' panels.
+TRIALS = "trials/"
+
+
 def logged_scalars(record: dict[str, torch.Tensor], trial_ids: list[int]) -> dict[str, float]:
-    """Mean over trials under each key, and each trial under ``<key>/trial_<i>``.
+    """Mean over trials under each key (W&B's panels), and each trial under ``trials/<key>/trial_<i>``
+    (a section of its own, so 20 trials × every key do not drown the means).
 
     With a ``meta/diverged`` column the results of diverged trials are left out: the
     means run over the finite trials (a key is dropped when none is left) and a
@@ -96,7 +102,7 @@ def logged_scalars(record: dict[str, torch.Tensor], trial_ids: list[int]) -> dic
         if keep.any():
             scalars[key] = float(values[keep].mean())
         scalars.update(
-            {f"{key}/trial_{t}": float(v) for t, v, k in zip(trial_ids, values.tolist(), keep) if k}
+            {f"{TRIALS}{key}/trial_{t}": float(v) for t, v, k in zip(trial_ids, values.tolist(), keep) if k}
         )
     return scalars
 
@@ -255,3 +261,198 @@ def wandb_mode(requested: str) -> str:
     except OSError:
         return "offline"
     return "online"
+
+
+def late_summary(table: EpisodeCSV, trial_ids: list[int], last: int, final: dict[str, torch.Tensor]) -> dict:
+    """A finished run's W&B summary: each result key (``meta/acc``, ``angle/0``, ...) the mean over
+    trials of each trial's mean over the last ``last`` episodes (diverged episodes left out, as in
+    :func:`metaplast.analysis.results.final_accuracy`); each meta-parameter its ``final`` value (after
+    the last Adam step); per trial under ``trials/``."""
+    from metaplast.analysis.results import per_trial_mean
+
+    summary: dict[str, float] = {}
+    if table.keys and table.rows:
+        rows = torch.tensor(table.rows, dtype=torch.float64)
+        tail = rows[rows[:, 0] > rows[:, 0].max() - last]
+        for index, key in enumerate(table.keys):
+            if key in final:  # a meta-parameter: its final value, below
+                continue
+            columns = [tail[tail[:, 1] == t, 2 + index].tolist() for t in trial_ids]
+            depth = max(len(c) for c in columns)
+            padded = [c + [float("nan")] * (depth - len(c)) for c in columns]
+            means = per_trial_mean(list(zip(*padded))) if depth else []
+            finite = [m for m in means if m == m]
+            if finite:
+                summary[key] = sum(finite) / len(finite)
+            summary.update({f"{TRIALS}{key}/trial_{t}": m for t, m in zip(trial_ids, means) if m == m})
+    for key, values in final.items():
+        summary[key] = float(values.mean())
+        summary.update({f"{TRIALS}{key}/trial_{t}": float(v) for t, v in zip(trial_ids, values.tolist())})
+    return summary
+
+
+def log_run_artifact(experiment, kind: str, files: dict[str, Path], metadata: dict) -> None:
+    """Log the run's files (those that exist) as one W&B artifact ``<kind>-<run id>`` of type ``kind``."""
+    import wandb
+
+    present = {name: Path(path) for name, path in files.items() if Path(path).is_file()}
+    if not present:
+        return
+    artifact = wandb.Artifact(f"{kind}-{experiment.id}", type=kind, metadata=metadata)
+    for name, path in present.items():
+        artifact.add_file(str(path), name=name)
+    experiment.log_artifact(artifact)
+
+
+#: Config groups that say where results go, not which condition ran: left out of run names.
+NOT_IN_NAMES = ("seed", "logger", "trainer")
+
+
+def run_name(overrides: list[str], varying: set[str] | None = None, limit: int = 128) -> str | None:
+    """A short W&B run name: in a sweep the overrides of the keys that vary (``reg.lam=0.001,seed=1``),
+    else the chosen config groups' options (``glyphs-ehebb-l1``); None leaves it to W&B."""
+    pairs = [o.lstrip("+~").split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra")]
+    if varying:
+        name = ",".join(f"{k}={v}" for k, v in pairs if k in varying)
+    else:
+        name = "-".join(v for k, v in pairs if "." not in k and "/" not in k and k not in NOT_IN_NAMES)
+        seed = [v for k, v in pairs if k == "seed"]
+        if seed:
+            name = f"{name}-seed{seed[0]}" if name else f"seed{seed[0]}"
+    return name[:limit] or None
+
+
+def sweep_varying(sweep_dir: str | Path, params) -> set[str]:
+    """The keys a sweep varies: the sweeper's ``params`` and the command line's sweeps (``a=1,2``,
+    ``range()``, ``choice()``) as the launcher saved them in ``<sweep dir>/multirun.yaml``."""
+    keys = {str(k) for k in (params or {})}
+    saved = Path(sweep_dir) / "multirun.yaml"
+    if saved.is_file():
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import OmegaConf
+
+        try:
+            task = list(OmegaConf.load(saved).hydra.overrides.task)
+            parsed = OverridesParser.create().parse_overrides(task)
+            keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+        except Exception:  # an unreadable record only costs the short name
+            pass
+    return keys
+
+
+def short_name(name: str | None) -> str | None:
+    """The W&B run name: ``logger.name``, else in a sweep the overrides that vary, else the chosen groups."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from metaplast.run.resume import multirun
+
+    if name or not HydraConfig.initialized():
+        return name
+    hydra = HydraConfig.get()
+    varying = sweep_varying(hydra.sweep.dir, hydra.sweeper.get("params")) if multirun() else None
+    return run_name(list(hydra.overrides.task), varying)
+
+
+def wandb_config(cfg) -> dict:
+    """The W&B run's config: the resolved, nested Hydra config and the code version."""
+    from omegaconf import OmegaConf
+
+    from metaplast.run.resume import code_version
+
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config["code_version"] = code_version()
+    return config
+
+
+def online_columns(table) -> dict[str, str]:
+    """W&B keys of ``online.csv``'s result columns: ``acc`` -> ``online/acc``, ``angle_0`` -> ``angle/0``."""
+    keys = {}
+    for column in table.columns:
+        if column in ("sample", "trial", "diverged") or not str(table[column].dtype).startswith(
+            ("float", "int")
+        ):
+            continue
+        head, _, tail = column.rpartition("_")
+        keys[column] = f"{head}/{tail}" if head and tail.isdigit() else f"online/{column}"
+    return keys
+
+
+def log_evaluation(cfg, out_dir: Path, table) -> str | None:
+    """An online evaluation as a W&B run (``job_type`` evaluate), after the pass: ``sample`` as the step
+    metric, the means over the trials that have not diverged as panels, each trial under ``trials/``,
+    the summary at the last sample, ``online.csv`` and ``theta.json`` as an artifact. Returns the mode,
+    or None when ``logger`` says no W&B."""
+    from metaplast.run.resume import sweep_name
+
+    logger = cfg.logger
+    mode = wandb_mode(logger.mode.value) if logger.wandb else "disabled"
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        group=logger.group or sweep_name(),
+        name=short_name(logger.name),
+        tags=[*logger.tags, f"feedback:{cfg.feedback.kind.value}"[:64], f"dataset:{cfg.dataset.name}"[:64]],
+        job_type="evaluate",
+        dir=str(out_dir),
+        mode=mode,
+        config=wandb_config(cfg),
+    )
+    try:
+        run.define_metric("sample", hidden=True)
+        run.define_metric("*", step_metric="sample", step_sync=True)
+        keys = online_columns(table)
+        scored = table[table["diverged"] == 0] if "diverged" in table else table
+        for sample, rows in table.groupby("sample", sort=True):
+            finite = scored[scored["sample"] == sample]
+            logged = {"sample": int(sample)}
+            logged.update({key: float(finite[c].mean()) for c, key in keys.items() if len(finite)})
+            for _, row in finite.iterrows():
+                logged.update(
+                    {f"{TRIALS}{key}/trial_{int(row['trial'])}": float(row[c]) for c, key in keys.items()}
+                )
+            if "diverged" in rows:
+                logged["online/diverged"] = float(rows["diverged"].mean())
+            run.log(logged)
+        last = scored[scored["sample"] == table["sample"].max()]
+        run.summary.update({"final/test_acc": float(last["acc"].mean()), "final/trials": int(len(last))})
+        files = {p.name: p for p in sorted(Path(out_dir).iterdir()) if p.suffix in (".csv", ".json")}
+        log_run_artifact(run, "evaluate", files, {"final_test_acc": float(last["acc"].mean())})
+    finally:
+        run.finish()
+    return mode
+
+
+def episode_logger(**kwargs):
+    """Lightning's W&B logger with ``episode`` as the step metric, the nested config as given (Lightning's
+    flat ``save_hyperparameters`` copy is not logged) and no constant ``epoch`` panel."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    class EpisodeWandbLogger(WandbLogger):
+        def __init__(self, **options):
+            super().__init__(**options)
+            self._wandb_init.pop("anonymous", None)  # deprecated in wandb; it only warns
+
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                import wandb
+
+                self._experiment = wandb.init(**self._wandb_init)
+                self._experiment.define_metric("episode", hidden=True)
+                self._experiment.define_metric("*", step_metric="episode", step_sync=True)
+            return self._experiment
+
+        def log_hyperparams(self, params) -> None:
+            """The resolved Hydra config went to ``wandb.init``; Lightning's flat copy would overwrite it."""
+
+        def log_metrics(self, metrics, step=None) -> None:
+            logged = {key: value for key, value in metrics.items() if key != "epoch"}
+            if step is not None:
+                logged["episode"] = int(step)  # Lightning's step here is the episode (metrics.csv's)
+            self.experiment.log(logged)
+
+    return EpisodeWandbLogger(**kwargs)

@@ -18,10 +18,9 @@ from metaplast.core.meta import fixed_scales
 from metaplast.data import DataError
 from metaplast.run import resume
 from metaplast.run.calibration import calibrate
-from metaplast.run.callbacks import FinalResult, SaveFinal, SaveOnSigterm
-from metaplast.run.cli import console, fail, traceback_wanted
+from metaplast.run.callbacks import EpisodeProgress, FinalResult, RecordVersion, SaveFinal, SaveOnSigterm
+from metaplast.run.cli import check_sweep_preset, console, fail, quiet_third_party, traceback_wanted
 from metaplast.run.config import (
-    WANDB_NAME_LIMIT,
     ConfigError,
     build_learner,
     build_rule,
@@ -33,7 +32,7 @@ from metaplast.run.config import (
 )
 from metaplast.run.data import load_data
 from metaplast.run.module import MetaPlasticity, check_checkpoint
-from metaplast.run.tracking import wandb_mode
+from metaplast.run.tracking import episode_logger, short_name, wandb_mode
 from metaplast.safety import CheckpointError, DirectoryLock, SafeCheckpointIO, load_checkpoint
 
 log = logging.getLogger("metaplast")
@@ -79,35 +78,48 @@ def build_module(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -
     try:
         scales = term_scales(config, rule, data, output, ckpt_path)
         csv_path = str(run_dir / "metrics.csv") if config.logger.csv else None
-        return MetaPlasticity(config, data, scales, csv_path)
+        module = MetaPlasticity(config, data, scales, csv_path)
+        module.data_line = describe_data(config, data)  # for the start line
+        return module
     except ValueError as error:  # the task sampler's checks of M, K and Q against the data
         if isinstance(error, (ConfigError, CheckpointError, DataError)):
             raise
         raise ConfigError(f"meta.{error} (dataset {config.dataset.name!r})") from None
 
 
+def describe_data(cfg, data) -> str:
+    """``glyphs (564 images, 47 classes; 3-way, K=4, Q=3)`` for the start line."""
+    images = getattr(data, "images", None)
+    size = f"{images.shape[0]} samples" if images is not None else "?"
+    classes = getattr(data, "num_classes", None)
+    where = f"{cfg.dataset.name} ({size}" + (f", {classes} classes" if classes else "")
+    return f"{where}; {cfg.meta.M}-way, K={cfg.meta.K}, Q={cfg.meta.Q})"
+
+
 def build_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None = None):
+    """W&B (:func:`metaplast.run.tracking.episode_logger`), or False (``logger.wandb=false``, disabled)."""
     if not cfg.logger.wandb:
         return False
     mode = wandb_mode(cfg.logger.mode.value)
     if mode == "disabled":
         return False
-    from lightning.pytorch.loggers import WandbLogger
-
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    name = cfg.logger.name or (",".join(overrides) if overrides else None)
-    return WandbLogger(
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config["code_version"] = resume.code_version()
+    logger = episode_logger(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.logger.group or resume.sweep_name(),
-        name=name[:WANDB_NAME_LIMIT] if name else name,
+        name=short_name(cfg.logger.name),
         tags=[*cfg.logger.tags, *run_tags(cfg)],
         id=wandb_id,
         resume="allow" if wandb_id else None,
         mode=mode,
+        job_type="train",
         save_dir=str(run_dir),
-        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        config=config,
     )
+    logger.mode = mode  # for the start line
+    return logger
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
@@ -155,6 +167,7 @@ def _run(cfg, run_dir: Path, ckpt_path, wandb_id, on_checkpoint) -> MetaPlastici
         save_last=True,
     )
     logger = build_logger(cfg, run_dir, wandb_id)
+    progress = [EpisodeProgress()] if cfg.trainer.progress_bar else []
     trainer = L.Trainer(
         max_steps=cfg.meta.episodes,
         max_epochs=-1,
@@ -163,7 +176,9 @@ def _run(cfg, run_dir: Path, ckpt_path, wandb_id, on_checkpoint) -> MetaPlastici
         precision=precision,
         logger=logger,
         callbacks=[
+            RecordVersion(),  # before the checkpoint callbacks write: every checkpoint holds the version
             checkpoints,
+            *progress,
             SaveOnSigterm(last),
             SaveFinal(last),  # before FinalResult: result.json marks a run whose last.ckpt is final
             FinalResult(run_dir, cfg.objective.survive_threshold, cfg.objective.max_terms),
@@ -173,6 +188,25 @@ def _run(cfg, run_dir: Path, ckpt_path, wandb_id, on_checkpoint) -> MetaPlastici
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(run_dir),
+    )
+    mode = logger.mode if logger else "off"
+    device = trainer.strategy.root_device
+    terms = ", ".join(f"F^{r}" for r in module.rule.terms)
+    log.info(
+        "metaplast %s: meta-training rule %s (%s), feedback %s, reg %s; %d trials x %d episodes%s; data %s; "
+        "device %s; W&B %s; run dir %s",
+        resume.code_version(),
+        module.rule.label,
+        terms,
+        cfg.feedback.kind.value,
+        cfg.reg.kind.value,
+        cfg.meta.trials,
+        cfg.meta.episodes,
+        f" from episode {load_checkpoint(ckpt_path)['global_step']}" if ckpt_path else "",
+        getattr(module, "data_line", cfg.dataset.name),
+        device.type if device.index is None else f"{device.type}:{device.index}",
+        {"offline": f"offline (wandb sync {run_dir / 'wandb'}/offline-run-*)"}.get(mode, mode),
+        run_dir,
     )
     try:
         trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
@@ -187,41 +221,98 @@ def _run(cfg, run_dir: Path, ckpt_path, wandb_id, on_checkpoint) -> MetaPlastici
     return module
 
 
-def launch(cfg: DictConfig, run_dir: Path) -> float:
-    """Run the job; with ``resume=true`` continue or skip an earlier run of the same job.
+def end_line(run_dir: Path, result: dict, episodes: int) -> str:
+    """The run's last console line: late meta-accuracy with its CI, final Θ, the run dir, what next."""
+    low, high = result.get("final_meta_acc_ci", [float("nan")] * 2)
+    last = min(result.get("last", 1), episodes)
+    accuracy = (
+        f"meta-accuracy {result['final_meta_acc']:.3f} (98 % CI {low:.3f}-{high:.3f}, "
+        f"{len(result['trials'])} trials, mean of the last {last} episodes)"
+    )
+    theta = " ".join(f"θ_{r}={v:.3g}" for r, v in result["theta_mean"].items())
+    return f"{accuracy}; final Θ {theta}; run dir {run_dir}; next: python -m metaplast.report {run_dir}"
 
-    Earlier runs are found by the hash of the job's config in ``.metaplast/jobs/`` under the
-    launch directory (:mod:`metaplast.run.resume`); the entry points at ``run_dir`` once it
-    holds a checkpoint. Returns the job's objective.
+
+def launch(cfg: DictConfig, run_dir: Path) -> float:
+    """Run the job, or (``resume``, :mod:`metaplast.run.resume`) continue or skip an earlier run of it.
+
+    ``resume=auto`` takes an earlier run over in a sweep or a requeued cluster job only; a single
+    run always runs (and says so when an earlier run of the same job exists). Earlier runs are
+    found by the hash of the job's config in the job index (:func:`metaplast.run.resume.index_dir`);
+    the entry points at ``run_dir`` once it holds a checkpoint. An earlier run made by other code
+    is refused unless ``resume=true``. Returns the job's objective.
     """
     validate(cfg)
+    mode = resume.resume_mode(cfg.resume)
     with DirectoryLock(run_dir, "output directory (hydra.run.dir)"):
         state, path, wandb_id, on_checkpoint = "new", None, None, None
-        if cfg.resume and cfg.ckpt_path is None:
-            index = Path(HydraConfig.get().runtime.cwd) / ".metaplast" / "jobs"
-            key = resume.job_key(cfg)
-            state, path, wandb_id = resume.claim(key, run_dir, index)
+        if cfg.ckpt_path is None:
+            index, key, version = resume.index_dir(cfg.jobs_dir), resume.job_key(cfg), resume.code_version()
+            if resume.takes_over(mode):
+                state, path, wandb_id = resume.claim(key, run_dir, index, version, force=mode == "true")
+            else:
+                announce_earlier(key, index, mode)
 
-            def on_checkpoint(saved: Path, key=key, index=index, wandb_id=wandb_id) -> None:
-                resume.record(key, run_dir, index, wandb_id)
+            def on_checkpoint(saved: Path, key=key, index=index, wandb_id=wandb_id, version=version) -> None:
+                resume.record(key, run_dir, index, wandb_id, version)
 
         if state == "finished":
             objective = cfg.objective
             result = rescore(json.loads(path.read_text()), objective.survive_threshold, objective.max_terms)
             write_json(path, result)
-            done = "skipped: this job already finished (resume=false runs it again); results in %s"
-            log.info(done, run_dir)
+            old = result.get("code_version", "an unrecorded version")
+            log.warning(
+                "resume=%s: skipped: this job already finished (metaplast %s); its results are copied to "
+                "%s (resume=false runs it again)",
+                mode,
+                old,
+                run_dir,
+            )
+            log.info("%s", end_line(run_dir, result, cfg.meta.episodes))
             return result["objective"]
+        if state == "resume":
+            episode = load_checkpoint(path)["global_step"]
+            log.warning(
+                "resume=%s: continuing this job from episode %d/%d of an earlier run, copied to %s "
+                "(resume=false starts it afresh)",
+                mode,
+                episode,
+                cfg.meta.episodes,
+                run_dir,
+            )
         (run_dir / RESULT).unlink(missing_ok=True)
         try:
             run(cfg, run_dir, str(path) if path else None, wandb_id, on_checkpoint)
         except SIGTERMException:
             last = run_dir / "checkpoints" / "last.ckpt"
-            message = f"stopped by SIGTERM; saved {last}; the same command resumes from it"
+            message = (
+                f"stopped by SIGTERM; saved {last}; the same command with resume=true continues it "
+                "(a sweep or a requeued job does so by itself)"
+            )
             log.error("%s", message)
             print(f"metaplast: {message}", file=sys.stderr)
             raise SystemExit(143) from None
-        return json.loads((run_dir / RESULT).read_text())["objective"]
+        result = json.loads((run_dir / RESULT).read_text())
+        log.info("%s", end_line(run_dir, result, cfg.meta.episodes))
+        return result["objective"]
+
+
+def announce_earlier(key: str, index: Path, mode: str) -> None:
+    """A single run that does not take over an earlier run of its job says where that run is (one line)."""
+    if mode == "false":
+        return
+    found = resume.peek(key, index)
+    if found is None:
+        return
+    state, old, episode = found
+    if state == "stopped":
+        at = f" at episode {episode}" if episode is not None else ""
+        log.warning(
+            "an unfinished run of this job stopped%s in %s; this run starts afresh (resume=true continues "
+            "that one instead)",
+            at,
+            old,
+        )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -231,7 +322,9 @@ def hydra_main(cfg: DictConfig) -> float:
     Every failure is one line with exit code 2 (3: divergence), unless ``verbose=true`` or
     ``HYDRA_FULL_ERROR=1`` asks for the traceback (:mod:`metaplast.run.cli`).
     """
+    quiet_third_party(bool(cfg.get("verbose")))
     try:
+        check_sweep_preset("metaplast.train", "experiment")
         return launch(cfg, Path(HydraConfig.get().runtime.output_dir))
     except Exception as error:
         if traceback_wanted(cfg):
