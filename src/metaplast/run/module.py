@@ -401,11 +401,23 @@ class MetaPlasticity(L.LightningModule):
 
 
 def summary(values: torch.Tensor) -> dict:
-    """Per-trial values ``(T,)``: each, their mean and standard error over trials (SE: n-1 std / √n)."""
+    """Per-trial values ``(T,)``: each, their mean and standard error over the trials with a finite
+    value (SE: n-1 std / √n), and ``n`` such trials."""
     values = values.double().cpu()
-    n = len(values)
-    se = float(values.std(unbiased=True) / n**0.5) if n > 1 else float("nan")
-    return {"trials": values.tolist(), "mean": float(values.mean()), "se": se}
+    finite = values[values.isfinite()]
+    n = len(finite)
+    se = float(finite.std(unbiased=True) / n**0.5) if n > 1 else float("nan")
+    mean = float(finite.mean()) if n else float("nan")
+    return {"trials": values.tolist(), "mean": mean, "se": se, "n": n}
+
+
+def episode_mean(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Per trial the mean over the ``kept`` episodes (``values (E, T, ...)``, ``kept (E, T)``); NaN
+    for a trial with none."""
+    kept = kept.reshape(*kept.shape, *[1] * (values.dim() - 2))
+    count = kept.sum(0)
+    total = torch.where(kept, values, torch.zeros_like(values)).sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
 
 
 @torch.no_grad()
@@ -458,24 +470,45 @@ def meta_test(module: MetaPlasticity, episodes: int) -> dict:
         "order": cfg.task.order.value,
     }
     result["trial_ids"] = module.trial_ids
-    for key in ("loss", "acc", "error", "readout"):
+    # An episode whose network diverged (non-finite query loss) is counted, not averaged.
+    kept = torch.stack(totals["loss"]).isfinite()  # (E, T)
+    result["diverged_episodes"] = (~kept).sum(0).tolist()
+    for key in ("loss", "acc", "error"):
         if key in totals:
-            result[key] = summary(torch.stack(totals[key]).mean(0))
-    cos = torch.stack(totals["update_cos"]).mean(0)  # (T, steps, L)
+            result[key] = summary(episode_mean(torch.stack(totals[key]), kept))
+    result["readout"] = summary(torch.stack(totals["readout"]).mean(0))
+    cos = episode_mean(torch.stack(totals["update_cos"]), kept)  # (T, steps, L)
     result["update_cos"] = {
         "per_layer": [summary(cos[:, :, layer].mean(1)) for layer in range(cos.shape[2])],
-        "per_step": cos.mean(0).T.tolist(),  # [layer][step], mean over trials and episodes
+        "per_step": cos.nanmean(0).T.tolist(),  # [layer][step], mean over trials and episodes
     }
-    norm = torch.stack(totals["update_norm"]).mean(0)
+    norm = episode_mean(torch.stack(totals["update_norm"]), kept)
     result["update_norm"] = {
         "per_layer": [summary(norm[:, :, layer].mean(1)) for layer in range(norm.shape[2])]
     }
     if "forgetting" in totals:
-        forgot = torch.stack(totals["forgetting"]).mean(0)  # (T, blocks)
+        forgot = episode_mean(torch.stack(totals["forgetting"]), kept)  # (T, blocks)
         result["forgetting"] = {
             "mean": summary(forgot[:, 1:].mean(1)),
-            "per_block": forgot.mean(0).tolist(),
+            "per_block": forgot.nanmean(0).tolist(),
         }
+    return result
+
+
+def meta_test_run(run_dir, episodes: int | None = None) -> dict:
+    """Meta-test a finished run again from its directory (``.hydra/config.yaml`` and
+    ``checkpoints/last.ckpt``), ``episodes`` (default ``task.test_episodes``) fresh episodes; writes
+    and returns its meta_test.json (the same streams as the meta-test at the end of training)."""
+    from metaplast.run.config import typed
+    from metaplast.run.data import load_data
+
+    run_dir = Path(run_dir)
+    cfg = typed(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    module = MetaPlasticity(cfg, load_data(cfg))
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    result = meta_test(module, episodes or cfg.task.test_episodes)
+    write_text(run_dir / META_TEST, json.dumps(result, indent=1))
     return result
 
 
