@@ -246,9 +246,9 @@ def report(directories, out: Path, threshold: float | None = None, last: int | N
 
 
 def online_jobs(directories) -> bool:
-    """Whether every job under ``directories`` is an online evaluation (``online.csv``, no metrics.csv)."""
-    jobs = find_jobs(directories)
-    return bool(jobs) and all(RunDir.is_run(j) and RunDir(j).kind == "online" for j in jobs)
+    """Whether the jobs under ``directories`` are online evaluations (``online.csv``, no metrics.csv)."""
+    kinds = {RunDir(job).kind for job in find_jobs(directories) if RunDir.is_run(job)}
+    return kinds == {"online"}  # jobs still running (no table yet) do not count
 
 
 def online_grid(directories, score: str = "val_acc") -> pd.DataFrame:
@@ -260,6 +260,9 @@ def online_grid(directories, score: str = "val_acc") -> pd.DataFrame:
     with any diverged trial is ranked by its finite trials but ``diverged`` says how many."""
     rows = []
     for path in find_jobs(directories):
+        if not (path / "online.csv").exists():
+            log.warning("skipped unfinished job %s (no online.csv)", path)
+            continue
         try:
             job = RunDir(path)
             if job.kind != "online":
@@ -292,7 +295,13 @@ def online_grid(directories, score: str = "val_acc") -> pd.DataFrame:
         rows.append(row)
     if not rows:
         raise SweepError(f"no readable online evaluation under {', '.join(map(str, directories))}")
-    table = pd.DataFrame(rows).sort_values("value", ascending=False, na_position="last", kind="stable")
+    table = pd.DataFrame(rows)
+    overrides = [k for k in table.columns[1 : table.columns.get_loc("samples")] if not k.startswith("theta_")]
+    # only what the grid varies; Θ itself as theta_<r> (from theta.json), not its override strings
+    table = table.drop(
+        columns=[k for k in overrides if k.startswith("theta") or table[k].astype(str).nunique() == 1]
+    )
+    table = table.sort_values("value", ascending=False, na_position="last", kind="stable")
     table = table.reset_index(drop=True)
     table["best"] = False
     if table["value"].notna().any():
