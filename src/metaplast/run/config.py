@@ -254,9 +254,9 @@ def build_rule(cfg) -> Rule:
         terms = OmegaConf.to_container(terms)
     if isinstance(terms, (list, tuple)) and any(isinstance(t, (list, tuple, dict)) for t in terms):
         _fail("rule.terms", terms, "a named rule or a flat list of term ids")
-    if not isinstance(terms, (str, int, list, tuple)):
+    if not isinstance(terms, (str, int, list, tuple)) and not (terms is None and per_layer is not None):
         _fail("rule.terms", terms, "a named rule (f0, pool, bio, ehebb, oja) or a list of term ids")
-    terms = list(terms) if not isinstance(terms, (str, int)) else terms
+    terms = list(terms) if isinstance(terms, (list, tuple)) else terms  # null with rule.per_layer
     try:
         return Rule.build(terms, depth, per_layer)
     except (ValueError, TypeError) as error:
