@@ -292,3 +292,28 @@ def test_meta_test_summaries_count_diverged_episodes_and_leave_them_out():
     found = summary(torch.tensor([2.0, float("nan"), 4.0]))
     assert (found["mean"], found["n"]) == (3.0, 2)
     assert found["se"] == pytest.approx(math.sqrt(2.0) / math.sqrt(2.0))
+
+
+@pytest.mark.parametrize(
+    "baseline",
+    [
+        [
+            "rule.terms=f0",
+            "feedback.kind=bp",
+            "feedback.learn=false",
+        ],  # gradient-based: SGD from a learned init
+        ["rule.terms=f0", "feedback.kind=fa", "feedback.learn=false", "rule.share=all"],
+        ["rule.terms=f0", "feedback.kind=dfa", "feedback.learn=false", "rule.share=all"],
+        ["rule.terms=bio", "feedback.kind=fa", "feedback.learn=false", "rule.share=all"],
+    ],
+)
+def test_baselines_meta_learn_their_initialisation_on_the_sine_task(baseline):
+    """One episode of each baseline on the sine task: the meta-loss is finite and its gradient reaches
+    the meta-learned initial weights of every layer (frozen ones too) and the rule's coefficients."""
+    module = module_for("+experiment=flp_sine_iid", *TINY_SINE, *baseline, "rule.nonnegative=false")
+    loss = module.training_step(None, 0)
+    assert loss.isfinite()
+    loss.backward()
+    groups = module.meta.groups()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["init"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["theta"])

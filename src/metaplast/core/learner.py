@@ -48,7 +48,8 @@ def expand_theta(theta: Tensor, terms, layer_terms) -> Tensor:
     """Dense ``(trials, 10)`` coefficients of one layer: Θ's entries for ``layer_terms``, zero elsewhere."""
     dense = theta.new_zeros(theta.shape[0], max(TERMS) + 1)
     columns = [terms.index(r) for r in layer_terms]
-    return dense.index_copy(1, torch.tensor(layer_terms, device=theta.device), theta[:, columns])
+    index = torch.tensor(layer_terms, dtype=torch.long, device=theta.device)  # may be empty: a frozen layer
+    return dense.index_copy(1, index, theta[:, columns])
 
 
 @dataclass(frozen=True)
