@@ -118,8 +118,8 @@ class RecordVersion(L.Callback):
 class EpisodeProgress(ProgressBar):
     """Progress in episodes: s/episode, the time left and the mean meta-accuracy over the trials.
 
-    On a terminal a bar (``meta-training 45/100 episodes |####  | 1.21s/episode, ETA 01:06, meta-acc
-    0.412 (4 trials)``); elsewhere (a log file, a cluster job) the same as a line every ``every``
+    On a terminal a bar (``episode 45/100 |####  | 1.21s/episode, ETA 01:06, meta-acc 0.412 (4
+    trials)``); elsewhere (a log file, a cluster job) the same as a line every ``every``
     seconds, logged (so ``train.log`` has it too).
     """
 
@@ -141,16 +141,25 @@ class EpisodeProgress(ProgressBar):
         self._started = self._last_line = time.monotonic()
         if not self._enabled or not getattr(stream, "isatty", lambda: False)():
             return
+        import os
+        import shutil
+
         from tqdm import tqdm
 
+        try:  # a terminal that reports no size (0 x 0) gets $COLUMNS x $LINES or 80 x 24 (tqdm hides
+            width = os.get_terminal_size(stream.fileno()).columns  # a bar below a 0-line screen)
+        except (OSError, ValueError, AttributeError):
+            width = 0
+        fallback = shutil.get_terminal_size()
         self.bar = tqdm(
             total=self.total,
             initial=self.first,
             unit="episode",
-            desc="meta-training",
             file=stream,
-            dynamic_ncols=True,
-            bar_format="{desc} {n_fmt}/{total_fmt} episodes |{bar}| {rate_inv_fmt}, ETA {remaining}{postfix}",
+            dynamic_ncols=width > 0,
+            ncols=None if width > 0 else fallback.columns,
+            nrows=None if width > 0 else fallback.lines,
+            bar_format="episode {n_fmt}/{total_fmt} |{bar}| {rate_inv_fmt}, ETA {remaining}{postfix}",
         )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):

@@ -205,8 +205,8 @@ def _run(cfg, run_dir: Path, ckpt_path, wandb_id, on_checkpoint) -> MetaPlastici
         f" from episode {load_checkpoint(ckpt_path)['global_step']}" if ckpt_path else "",
         getattr(module, "data_line", cfg.dataset.name),
         device.type if device.index is None else f"{device.type}:{device.index}",
-        {"offline": f"offline (wandb sync {run_dir / 'wandb'}/offline-run-*)"}.get(mode, mode),
-        run_dir,
+        {"offline": f"offline (wandb sync {shown(run_dir)}/wandb/offline-run-*)"}.get(mode, mode),
+        shown(run_dir),
     )
     try:
         trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
@@ -230,7 +230,17 @@ def end_line(run_dir: Path, result: dict, episodes: int) -> str:
         f"{len(result['trials'])} trials, mean of the last {last} episodes)"
     )
     theta = " ".join(f"θ_{r}={v:.3g}" for r, v in result["theta_mean"].items())
-    return f"{accuracy}; final Θ {theta}; run dir {run_dir}; next: python -m metaplast.report {run_dir}"
+    where = shown(run_dir)
+    return f"{accuracy}; final Θ {theta}; run dir {where}; next: python -m metaplast.report {where}"
+
+
+def shown(path: Path) -> str:
+    """``path`` as the console shows it: relative to the working directory when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def launch(cfg: DictConfig, run_dir: Path) -> float:
@@ -249,6 +259,8 @@ def launch(cfg: DictConfig, run_dir: Path) -> float:
         if cfg.ckpt_path is None:
             index, key, version = resume.index_dir(cfg.jobs_dir), resume.job_key(cfg), resume.code_version()
             if resume.takes_over(mode):
+                earlier = resume.peek(key, index)
+                source = shown(earlier[1]) if earlier else "?"
                 state, path, wandb_id = resume.claim(key, run_dir, index, version, force=mode == "true")
             else:
                 announce_earlier(key, index, mode)
@@ -262,23 +274,25 @@ def launch(cfg: DictConfig, run_dir: Path) -> float:
             write_json(path, result)
             old = result.get("code_version", "an unrecorded version")
             log.warning(
-                "resume=%s: skipped: this job already finished (metaplast %s); its results are copied to "
-                "%s (resume=false runs it again)",
+                "resume=%s: skipped: this job already finished in %s (metaplast %s); its results are copied "
+                "to %s (resume=false runs it again)",
                 mode,
+                source,
                 old,
-                run_dir,
+                shown(run_dir),
             )
             log.info("%s", end_line(run_dir, result, cfg.meta.episodes))
             return result["objective"]
         if state == "resume":
             episode = load_checkpoint(path)["global_step"]
             log.warning(
-                "resume=%s: continuing this job from episode %d/%d of an earlier run, copied to %s "
-                "(resume=false starts it afresh)",
+                "resume=%s: continuing this job from episode %d/%d of %s, copied to %s (resume=false "
+                "starts it afresh)",
                 mode,
                 episode,
                 cfg.meta.episodes,
-                run_dir,
+                source,
+                shown(run_dir),
             )
         (run_dir / RESULT).unlink(missing_ok=True)
         try:
@@ -311,7 +325,7 @@ def announce_earlier(key: str, index: Path, mode: str) -> None:
             "an unfinished run of this job stopped%s in %s; this run starts afresh (resume=true continues "
             "that one instead)",
             at,
-            old,
+            shown(old),
         )
 
 
