@@ -373,3 +373,14 @@ def test_online_presets_belong_to_evaluate_and_a_sweeping_preset_needs_m(tmp_pat
         and "+eval_experiment=s6_online sweeps rule: f0,bio, which needs -m" in online.stderr
     )
     assert "python -m metaplast.evaluate -m +eval_experiment=s6_online" in online.stderr
+
+
+def test_a_sweeps_varying_keys_come_from_its_multirun_record(tmp_path):
+    from omegaconf import OmegaConf
+
+    from metaplast.run.tracking import sweep_varying
+
+    task = ["rule=bio", "reg=l1", "reg.lam=0,1e-3", "seed=range(0,3)", "meta.M=choice(3,5)"]
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": task}}}), tmp_path / "multirun.yaml")
+    assert sweep_varying(tmp_path, {"feedback": "fa,bp"}) == {"reg.lam", "seed", "meta.M", "feedback"}
+    assert sweep_varying(tmp_path / "none", None) == set()
