@@ -49,7 +49,7 @@ from metaplast.analysis.stats import (  # noqa: E402
     mann_whitney_per_episode,
     summarise,
 )
-from metaplast.analysis.sweeps import SweepError  # noqa: E402
+from metaplast.analysis.sweeps import SweepError, online_jobs  # noqa: E402
 from metaplast.analysis.sweeps import report as sweep_report  # noqa: E402
 from metaplast.core.terms import TERMS  # noqa: E402
 from metaplast.safety import save_figure, write_text  # noqa: E402
@@ -833,10 +833,16 @@ def layer_curves_figure(runs, tables, prefix, ylabel, symbol, out, name, title="
     return _save(fig, out, name)
 
 
+#: The hidden layers of the 10-layer net whose PCA the Oja paper's Fig. 3 shows.
+PAPER_PCA_LAYERS = (1, 3, 7, 9)
+
+
 def _spread_layers(layers: list[int], most: int = 4) -> list[int]:
     """Up to ``most`` layers spread from the first to the last (the paper's y_1, y_3, y_7, y_9 of 9)."""
     if len(layers) <= most:
         return layers
+    if set(PAPER_PCA_LAYERS) <= set(layers) and most == len(PAPER_PCA_LAYERS):
+        return list(PAPER_PCA_LAYERS)
     picks = np.unique(np.round(np.linspace(0, len(layers) - 1, most)).astype(int))
     return [layers[i] for i in picks]
 
@@ -847,7 +853,8 @@ def explained_variance_figure(runs, arrays, out, name, title="") -> str:
     layer (up to four, spread over the depth), one curve per run: mean over trials, 98 % bootstrap CI."""
     layer_sets = [sorted(int(k.split("_")[1]) for k in a if k.startswith("ev_")) for a in arrays]
     layers = _spread_layers(sorted(set().union(*map(set, layer_sets))))
-    fig, axes = plt.subplots(1, max(len(layers), 1), figsize=(3.9 * max(len(layers), 1), 3.5), squeeze=False)
+    height, panels = 3.6 + 0.3 * math.ceil(len(runs) / 3), max(len(layers), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(3.9 * panels, height), squeeze=False)
     axes = axes.ravel()
     colors = sns.color_palette("tab10", len(runs))
     for ax, layer in zip(axes, layers):
@@ -868,9 +875,10 @@ def explained_variance_figure(runs, arrays, out, name, title="") -> str:
         ax.set(xlabel="principal components k", ylim=(0, 1.02))
         ax.set_xscale("log")
     axes[0].set_ylabel("cumulative explained variance")
-    _legend_below(axes[0], ncol=1)
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(_wrap(title, 120), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * math.ceil(len(labels) / 3), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, fontsize=9)
     return _save(fig, out, name)
 
 
@@ -1209,6 +1217,7 @@ def main(argv=None) -> None:
             written = write_report(runs, out, args.window, args.burn_in, args.last, args.keep, command)
             print(f"wrote {len(written)} files to {out}: open {out / 'index.html'}")
             sweeps = [Path(path) for path in args.runs if (Path(path) / "multirun.yaml").exists()]
+            sweeps = [path for path in sweeps if not online_jobs([path])]  # online ones: in the report
             if sweeps:  # Hydra multirun directories: also one table over all their jobs (metaplast.sweep)
                 sweep_report(sweeps, out / "sweep", last=args.last)
                 print(f"wrote the sweep table and λ plots to {out / 'sweep'}: sweep.md, sweep.csv")
