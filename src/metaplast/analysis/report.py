@@ -787,6 +787,7 @@ def _oja_relabel(runs: list[RunDir]) -> None:
         (
             tuple(r.theta_json["sizes"]),
             str((r.config.get("model") or {}).get("init")),
+            str((r.config.get("model") or {}).get("init_std")),
             r.theta_json.get("model"),
         )
         for r in online
