@@ -164,10 +164,10 @@ with initialize_config_module("metaplast.conf", version_base="1.3"):
             plus = "+" if group.endswith("experiment") else ""
             compose("evaluate" if online else "config", overrides=[f"{plus}{group}={option}"])
             composed.append(f"{group}/{option}")
-    for group in ("launcher", "sweeper"):
+    for group in ("launcher", "sweeper", "help", "job_logging"):
         for option in sorted(p.name[:-5] for p in conf.joinpath("hydra", group).iterdir()):
             cfg = compose("config", overrides=[f"hydra/{group}={option}"], return_hydra_config=True)
-            assert "_target_" in cfg.hydra[group]
+            assert "_target_" in cfg.hydra[group] or group in ("help", "job_logging")
             composed.append(f"hydra/{group}/{option}")
 print("PROBE" + json.dumps(out))
 """
