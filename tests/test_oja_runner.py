@@ -87,6 +87,8 @@ def test_presets_hold_the_papers_settings():
     assert grid.online.validation > 0
     fig8 = compose_with("config", "+experiment=oja_fig8")
     assert list(fig8.rule.terms) == [0, 2, 3, 9] and fig8.feedback.kind.value == "plastic"
+    baseline = compose_with("config", "+experiment=oja_fig8", "feedback=bp", "rule=f0")  # the BP curve
+    assert baseline.rule.terms == "f0" and baseline.feedback.kind.value == "bp"
 
 
 @pytest.mark.parametrize(
