@@ -9,7 +9,7 @@ CLASSIFY = "--classify" in sys.argv
 NAMES = {"flp1p": "Feature reuse (1): FLP rule in the readout only, α ≥ 0",
          "flp3p": "FLP (3), α ≥ 0 (rule.nonnegative)", "flp3": "FLP (3), α unconstrained",
          "grad3": "Gradient-based (3)", "fa3": "metaplast FA + F^0 (3), one θ_0",
-         "cls_flp2": "FLP (2)", "cls_grad2": "Gradient-based (2)"}
+         "cls_flp2": "FLP (2), glyphs", "cls_grad2": "Gradient-based (2), glyphs"}
 
 
 def fmt(s):
