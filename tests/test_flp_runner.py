@@ -317,3 +317,10 @@ def test_baselines_meta_learn_their_initialisation_on_the_sine_task(baseline):
     groups = module.meta.groups()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["init"])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["theta"])
+
+
+def test_the_start_line_describes_a_sine_stream_not_an_image_dataset():
+    from metaplast.run.train import describe_data
+
+    cfg = compose_with("+experiment=flp_sine_continual", "task.functions=4", "task.batches=8")
+    assert describe_data(cfg, None) == "sine waves (4 functions, 8 batches per episode, continual)"

@@ -89,6 +89,10 @@ def build_module(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -
 
 def describe_data(cfg, data) -> str:
     """``glyphs (564 images, 47 classes; 3-way, K=4, Q=3)`` for the start line."""
+    task = cfg.task
+    if str(getattr(task.family, "value", task.family)) == "sine":
+        order = getattr(task.order, "value", task.order)
+        return f"sine waves ({task.functions} functions, {task.batches} batches per episode, {order})"
     images = getattr(data, "images", None)
     size = f"{images.shape[0]} samples" if images is not None else "?"
     classes = getattr(data, "num_classes", None)
