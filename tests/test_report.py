@@ -254,7 +254,7 @@ def test_report_writes_every_promised_file_and_index_links_only_existing_ones(ru
     written = {p.name for p in out.iterdir()}
     promised = {"index.html", "meta_acc.png", "meta_loss.png", "summary.csv", "summary.md", "rules.txt"}
     promised |= {"theta_final.csv", "theta_final.md", "mann_whitney.png", "mann_whitney.csv"}
-    promised |= {"table1.csv", "table1.md", "online_acc.png", "online.csv", "online.md"}
+    promised |= {"table1.csv", "table1.md", "online_acc.png", "online_accuracy.csv", "online_accuracy.md"}
     assert promised <= written
     for prefix in ("theta_", "angle_", "orth_"):
         assert sum(n.startswith(prefix) and n.endswith(".png") for n in written) == 4  # one per meta run
@@ -263,6 +263,16 @@ def test_report_writes_every_promised_file_and_index_links_only_existing_ones(ru
     linked = set(re.findall(r"(?:src|href)='([^'#]+)'", page))
     assert linked and linked <= written
     assert {n for n in written if n.endswith(".png")} <= linked
+
+
+def test_a_report_of_online_runs_can_be_rerun_into_its_own_directory(runs, tmp_path):
+    """The report's own tables never look like a run (an online run's table is online.csv)."""
+    out = tmp_path / "report"
+    online = [str(r) for r in runs[4:]]
+    main([*online, "--out", str(out)])
+    first = (out / "online_accuracy.csv").read_text()
+    main([*online, "--out", str(out)])  # again, into the same directory
+    assert (out / "online_accuracy.csv").read_text() == first and not (out / "online.csv").exists()
 
 
 def test_index_has_a_header_and_a_caption_for_every_figure(runs, tmp_path):

@@ -716,7 +716,7 @@ def _online_section(online: list[RunDir], out: Path) -> tuple[str, list]:
             name,
             f"Online learning: test accuracy against training samples seen. {context}. {band}{dashed}{small}",
         ),
-        _table(online_table(online), out, "online", f"Test accuracy, mean [{BAND}] over trials"),
+        _table(online_table(online), out, "online_accuracy", f"Test accuracy, mean [{BAND}] over trials"),
     ]
     for run in online:
         if _indexed_columns(run.table, "angle_"):
