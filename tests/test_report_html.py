@@ -96,7 +96,7 @@ def test_every_figure_and_table_shows_in_chromium(report_dir, tmp_path):
     assert found["captions"] == len(images)
     source = page.read_text(encoding="utf-8")
     assert found["tables"] == source.count("<table") == 5  # runs, summary, final Θ, Table 1, online
-    for name in ("summary.csv", "theta_final.csv", "table1.csv", "online.csv"):
+    for name in ("summary.csv", "theta_final.csv", "table1.csv", "online_accuracy.csv"):
         assert f"href='{name}'" in source and (report_dir / name).exists()
     assert "python -m metaplast.report" in found["header"] and "Made " in found["header"]
     assert "glyphs (SYNTHETIC)" in found["header"] and "5-way, K = 50, Q = 10" in found["header"]
