@@ -6,8 +6,10 @@ only the small vector part (forward pass, errors, the factors of the update) is 
 under autograd on the stored products with ``W_t`` (:class:`_Replay`, by name and layer);
 everything of the size of ``W`` is done here: ``dL/dW_t = (1 - decay) dL/dW_{t+1} + A^T C``
 in one batched product, where the rows of ``A, C`` are the factors recorded by
-:class:`_Product`. With ``recompute_segment = k``, only every k-th ``W_t`` is kept and the
-others (and their products) are recomputed segment by segment.
+:class:`_Product`. The forward pass records every step's products and update factors (vectors,
+small); with ``recompute_segment = k`` only every k-th ``W_t`` is kept, the others are rebuilt
+segment by segment from the recorded factors (one rank-k update each, into reused tensors: a
+fresh ``W``-sized tensor costs page faults) and updated in place in the forward pass.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class _Product(torch.autograd.Function):
         v, matrix = ctx.saved_tensors
         if ctx.sink is not None:  # M = W^T: dW = grad^T v;  M = W: dW = v^T grad
             ctx.sink.append((grad, v) if ctx.transposed else (v, grad))
-        grad_v = grad @ matrix.transpose(-1, -2)
+        grad_v = grad @ matrix.transpose(-1, -2) if ctx.needs_input_grad[0] else None  # not for x
         return grad_v, None, torch.zeros((), dtype=grad.dtype, device=grad.device), None, None, None
 
 
@@ -116,16 +118,16 @@ def _chunk(tensor: Tensor, step: int, batch: int) -> Tensor:
     return tensor[:, step * batch : (step + 1) * batch]
 
 
-def _unrolled(learner, theta, state, x_train, y_train, batch, first, count, keep=()):
-    """``count`` steps from step ``first`` as plain tensor code; for the steps in ``keep``
-    (relative to ``first``) also ``W_t`` and that step's products."""
+def _unrolled(learner, theta, state, x_train, y_train, batch, steps, keep=(), record=False):
+    """``steps`` steps as plain tensor code (outside autograd): the adapted state, ``{t: W_t}`` for
+    the steps in ``keep`` and, with ``record``, ``{t: (products, factors)}`` of every step.
+
+    ``W_{t+1}`` is a new tensor where ``W_t`` is kept or is the given state's; elsewhere ``W_t``
+    is updated in place."""
     coefficients = learner.layer_coefficients(theta)
-    kept = {}
-    for offset in range(count):
-        step = first + offset
-        products = _Recording(state.weights) if offset in keep else Products(state.weights)
-        if offset in keep:
-            kept[offset] = (state.weights, products.outputs)
+    kept, records = {}, {}
+    for step in range(steps):
+        products = _Recording(state.weights) if record else Products(state.weights)
         factors, _, _ = learner.step_factors(
             state,
             {"theta": theta},
@@ -134,10 +136,14 @@ def _unrolled(learner, theta, state, x_train, y_train, batch, first, count, keep
             _chunk(y_train, step, batch),
             products,
         )
-        state = State(
-            [apply_update(w, *f) for w, f in zip(state.weights, factors)], state.feedback, state.biases
-        )
-    return state, kept
+        if step in keep:
+            kept[step] = state.weights
+        if record:
+            records[step] = (products.outputs, factors)
+        fresh = step == 0 or step in keep
+        weights = [apply_update(w, *f, out=None if fresh else w) for w, f in zip(state.weights, factors)]
+        state = State(weights, state.feedback, state.biases)
+    return state, kept, records
 
 
 class _InnerLoop(torch.autograd.Function):
@@ -152,11 +158,9 @@ class _InnerLoop(torch.autograd.Function):
             list(tensors[depth + n_feedback :]),
         )
         steps = math.ceil(x_train.shape[1] / batch)
-        keep = range(0, steps, segment) if segment else range(steps)
-        adapted, kept = _unrolled(learner, theta, state, x_train, y_train, batch, 0, steps, keep)
-        if segment:  # only W_t is kept at segment starts; the products come back with the recomputation
-            kept = {step: weights for step, (weights, _) in kept.items()}
-        ctx.spec, ctx.kept, ctx.steps = spec, kept, steps
+        keep = set(range(0, steps, segment) if segment else range(steps))
+        adapted, kept, records = _unrolled(learner, theta, state, x_train, y_train, batch, steps, keep, True)
+        ctx.spec, ctx.kept, ctx.records, ctx.steps = spec, kept, records, steps
         ctx.save_for_backward(theta, x_train, y_train, *state.feedback, *state.biases)
         return tuple(adapted.weights)
 
@@ -172,30 +176,42 @@ class _InnerLoop(torch.autograd.Function):
                 "the fused inner loop's backward runs once: it frees the stored W_t as it goes"
             )
         grads = [g.clone() for g in grad_adapted]  # dL/dW_t, updated in place step by step
+        with torch.enable_grad():  # Θ's per-layer coefficients, built once; dL/dΘ through them at the end
+            leaf = theta.detach().requires_grad_()
+            coefficients = learner.layer_coefficients(leaf)
         grad_theta = torch.zeros_like(theta)
+        grad_coefficients = [torch.zeros_like(c) for c in coefficients]
+        spare = [[] for _ in range(depth)]  # W-sized tensors free for reuse
         for start in reversed(range(0, steps, segment or steps or 1)):
             stop = min(start + segment, steps) if segment else steps
-            if segment:
-                with torch.no_grad():  # W_start .. W_{stop-1} and their products, from the kept W_start
-                    state = State(ctx.kept.pop(start), feedback, biases)
-                    _, inside = _unrolled(
-                        learner,
-                        theta,
-                        state,
-                        x_train,
-                        y_train,
-                        batch,
-                        start,
-                        stop - start,
-                        range(stop - start),
-                    )
-            else:
-                inside = {step: ctx.kept.pop(step) for step in range(steps)}
+            inside = {}
+            with torch.no_grad():  # W_start .. W_{stop-1}: kept, or rebuilt from the recorded factors
+                for step in range(start, stop):
+                    if step in ctx.kept:
+                        inside[step] = ctx.kept.pop(step)
+                        continue
+                    _, factors = ctx.records[step - 1]
+                    inside[step] = [
+                        apply_update(w, *f, out=free.pop() if free else None)
+                        for w, f, free in zip(inside[step - 1], factors, spare)
+                    ]
             for step in reversed(range(start, stop)):
-                weights, outputs = inside.pop(step - start)
-                state = State(weights, feedback, biases)
+                weights, (outputs, _) = inside.pop(step), ctx.records.pop(step)
                 x, y = _chunk(x_train, step, batch), _chunk(y_train, step, batch)
-                grad_theta += _backward_step(learner, state, outputs, theta, grads, x, y)
+                state = State(weights, feedback, biases)
+                direct, per_layer = _backward_step(learner, state, outputs, leaf, coefficients, grads, x, y)
+                grad_theta += direct
+                for total, grad in zip(grad_coefficients, per_layer):
+                    total += grad
+                if segment and step:  # not W_0 (the caller's)
+                    for free, w in zip(spare, weights):
+                        free.append(w)
+        with torch.enable_grad():
+            pairs = [(c, g) for c, g in zip(coefficients, grad_coefficients) if c.requires_grad]
+            if pairs:
+                outputs, grad_outputs = zip(*pairs)
+                (through,) = torch.autograd.grad(outputs, leaf, grad_outputs, allow_unused=True)
+                grad_theta += through if through is not None else 0
         needs_w = any(ctx.needs_input_grad[4 : 4 + depth])
         return (
             None,
@@ -207,16 +223,15 @@ class _InnerLoop(torch.autograd.Function):
         )
 
 
-def _backward_step(learner, state, outputs, theta, grads, x, y):
-    """Turn ``dL/dW_{t+1}`` (``grads``, in place) into ``dL/dW_t``; return this step's ``dL/dΘ``."""
+def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y):
+    """Turn ``dL/dW_{t+1}`` (``grads``, in place) into ``dL/dW_t``; return this step's gradients
+    to ``theta`` (where used directly) and to each layer's ``coefficients`` (built from it)."""
     with torch.enable_grad():
-        leaf = theta.detach().requires_grad_()
+        leaves = [c.detach().requires_grad_() for c in coefficients]
         anchors = [w.new_zeros((), requires_grad=True) for w in state.weights]
         sinks = [[] for _ in state.weights]
         replay = _Replay(state.weights, outputs, anchors, sinks)
-        factors, _, _ = learner.step_factors(
-            state, {"theta": leaf}, learner.layer_coefficients(leaf), x, y, replay
-        )
+        factors, _, _ = learner.step_factors(state, {"theta": theta}, leaves, x, y, replay)
         results, grad_outputs = [], []
         for weight, grad, (left, right, decay) in zip(state.weights, grads, factors):
             if left is not None:  # W_{t+1} = ... + left^T right
@@ -224,16 +239,22 @@ def _backward_step(learner, state, outputs, theta, grads, x, y):
                 grad_outputs += [right.detach() @ grad.transpose(1, 2), left.detach() @ grad]
             if decay is not None:  # W_{t+1} = W_t (1 - decay) + ..., decay (T, 1, 1) or per row (T, n, 1)
                 results.append(decay)
-                grad_decay = -(grad * weight).sum(2, keepdim=True)
-                grad_outputs.append(grad_decay.sum(1, keepdim=True) if decay.shape[1] == 1 else grad_decay)
-        grad_theta, *_ = torch.autograd.grad(results, [leaf, *anchors], grad_outputs, allow_unused=True)
+                if decay.shape[1] == 1:  # -Σ G ⊙ W per trial, as one dot product (no W-sized temporary)
+                    flat = grad.reshape(grad.shape[0], 1, -1)
+                    grad_outputs.append(-(flat @ weight.reshape(grad.shape[0], -1, 1)))
+                else:
+                    grad_outputs.append(-(grad * weight).sum(2, keepdim=True))
+        grad_theta, *per_layer = torch.autograd.grad(
+            results, [theta, *leaves, *anchors], grad_outputs, allow_unused=True
+        )
     for grad, sink, (_, _, decay) in zip(grads, sinks, factors):
         if decay is not None:
             grad.mul_(1 - decay.detach())
         if sink:
             lefts, rights = zip(*sink)
             grad.baddbmm_(torch.cat(lefts, 1).transpose(1, 2), torch.cat(rights, 1))
-    return grad_theta if grad_theta is not None else torch.zeros_like(theta)
+    per_layer = [torch.zeros_like(c) if g is None else g for c, g in zip(coefficients, per_layer)]
+    return (grad_theta if grad_theta is not None else torch.zeros_like(theta)), per_layer
 
 
 def adapt(
@@ -258,7 +279,7 @@ def adapt(
     if not needs_grad:
         with torch.no_grad():
             steps = math.ceil(x_train.shape[1] / batch)
-            return _unrolled(learner, theta, state, x_train, y_train, batch, 0, steps)[0]
+            return _unrolled(learner, theta, state, x_train, y_train, batch, steps)[0]
     spec = (learner, batch, recompute_segment, len(state.weights), len(state.feedback))
     weights = _InnerLoop.apply(spec, theta, x_train, y_train, *state.weights, *state.feedback, *state.biases)
     return State(list(weights), state.feedback, state.biases)

@@ -126,12 +126,26 @@ def update_factors(
     return torch.cat(lefts, dim=1), torch.cat([rights[name] for name in order], dim=1), decay
 
 
-def apply_update(weight: Tensor, left: Tensor | None, right: Tensor | None, decay: Tensor | None) -> Tensor:
-    """``W (1 - decay) + left^T right``: one batched rank-k product (no ``(n × n)`` matrix)."""
-    base = weight * (1 - decay) if decay is not None else weight
-    if left is None:
-        return base
-    return torch.baddbmm(base, left.transpose(1, 2), right)
+def apply_update(
+    weight: Tensor, left: Tensor | None, right: Tensor | None, decay: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """``W (1 - decay) + left^T right``: one batched rank-k product (no ``(n × n)`` matrix).
+
+    ``out`` (outside autograd only) receives the result: ``weight`` itself updates it in place, a
+    spare tensor of its shape is reused; either saves allocating (and page-faulting) a new ``W``.
+    """
+    if out is None:
+        base = weight * (1 - decay) if decay is not None else weight
+        if left is None:
+            return base
+        return torch.baddbmm(base, left.transpose(1, 2), right)
+    if decay is not None:
+        torch.mul(weight, 1 - decay, out=out)
+    elif out is not weight:
+        out.copy_(weight)
+    if left is not None:
+        out.baddbmm_(left.transpose(1, 2), right)
+    return out
 
 
 def layer_signals(
