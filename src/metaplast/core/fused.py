@@ -175,7 +175,8 @@ class _InnerLoop(torch.autograd.Function):
             raise RuntimeError(
                 "the fused inner loop's backward runs once: it frees the stored W_t as it goes"
             )
-        grads = [g.clone() for g in grad_adapted]  # dL/dW_t, updated in place step by step
+        # dL/dW_t, updated in place step by step (contiguous: flatten below is a view)
+        grads = [g.clone(memory_format=torch.contiguous_format) for g in grad_adapted]
         with torch.enable_grad():  # Θ's per-layer coefficients, built once; dL/dΘ through them at the end
             leaf = theta.detach().requires_grad_()
             coefficients = learner.layer_coefficients(leaf)
@@ -239,9 +240,9 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y):
                 grad_outputs += [right.detach() @ grad.transpose(1, 2), left.detach() @ grad]
             if decay is not None:  # W_{t+1} = W_t (1 - decay) + ..., decay (T, 1, 1) or per row (T, n, 1)
                 results.append(decay)
-                if decay.shape[1] == 1:  # -Σ G ⊙ W per trial, as one dot product (no W-sized temporary)
-                    flat = grad.reshape(grad.shape[0], 1, -1)
-                    grad_outputs.append(-(flat @ weight.reshape(grad.shape[0], -1, 1)))
+                if decay.shape[1] == 1:  # -Σ G ⊙ W per trial: a dot product each (no W-sized temporary)
+                    dots = [torch.dot(g.flatten(), w.flatten()) for g, w in zip(grad, weight)]
+                    grad_outputs.append(-torch.stack(dots).view(decay.shape))
                 else:
                     grad_outputs.append(-(grad * weight).sum(2, keepdim=True))
         grad_theta, *per_layer = torch.autograd.grad(

@@ -109,8 +109,9 @@ def update_factors(
     """
     rights: dict[str, Tensor] = {}
     decay = None
+    columns = theta[:, :, None, None].unbind(1)  # one view per term (one op, not three per term)
     for r in sorted(set(active)):
-        term, coefficient = TERMS[r], theta[:, r, None, None]
+        term, coefficient = TERMS[r], columns[r]
         if term.left is not None:
             value = coefficient * term.right(signals)
             rights[term.left] = value if term.left not in rights else rights[term.left] + value
