@@ -1,0 +1,80 @@
+"""The fused step's memory tricks keep it exact: the forward pass updates W in place only where
+W_t is not kept, the backward pass rebuilds W_t from the recorded factors into reused tensors,
+and neither touches the caller's weights (float64, against autograd)."""
+
+import pytest
+import torch
+
+from core_helpers import generators, learner_for
+from metaplast.core.inner_loop import inner_loop
+from metaplast.core.learner import State
+from metaplast.core.networks import init_weights
+
+SIZES = [12, 9, 7, 5]
+STEPS = 13
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def episode(estimator, segment, rule="pool", kind="fa", trials=2, learn_init=True):
+    learner = learner_for(kind, SIZES, rule)
+    weights = init_weights(SIZES, generators(trials))
+    before = [w.clone() for w in weights]
+    leaves = [w.requires_grad_(learn_init) for w in weights]
+    feedback = learner.pathway.init_feedback(SIZES, generators(trials, seed=7))
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(trials, STEPS + 4, SIZES[0], generator=g)
+    y = torch.randint(0, SIZES[-1], (trials, STEPS + 4), generator=g)
+    theta = torch.full((trials, len(learner.rule.terms)), 0.02).requires_grad_()
+    meta = {"theta": theta, "init": dict(enumerate(leaves))} if learn_init else {"theta": theta}
+    adapted = inner_loop(
+        learner,
+        State(leaves, feedback),
+        meta,
+        x[:, :STEPS],
+        y[:, :STEPS],
+        estimator,
+        recompute_segment=segment,
+    )
+    loss = learner.query_loss(adapted, x[:, STEPS:], y[:, STEPS:]).sum()
+    inputs = [theta, *leaves] if learn_init else [theta]
+    grads = torch.autograd.grad(loss, inputs)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))  # the caller's W untouched
+    return [w.detach() for w in adapted.weights], grads
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("rule", ["pool", "bio", [3, 10]])
+@pytest.mark.parametrize("segment", [0, 1, 4, 5, 13, 20])
+def test_fused_with_in_place_updates_and_rebuilt_weights_equals_autograd(rule, segment):
+    """Rules with a per-trial decay (pool's F^3), without (bio), per-row decay (F^10); every
+    segment length, W_0 learned (its gradient too)."""
+    (w_auto, g_auto), (w_fused, g_fused) = (episode(e, segment, rule) for e in ("autograd", "fused"))
+    assert max(relative(a, b) for a, b in zip(w_fused, w_auto)) <= 1e-10
+    assert max(relative(a, b) for a, b in zip(g_fused, g_auto)) <= 1e-10
+
+
+def test_fused_without_grad_leaves_the_callers_weights_unchanged():
+    learner = learner_for("fa", SIZES, "pool")
+    weights = init_weights(SIZES, generators(2))
+    before = [w.clone() for w in weights]
+    x, y = torch.rand(2, STEPS, SIZES[0]), torch.randint(0, SIZES[-1], (2, STEPS))
+    with torch.no_grad():
+        inner_loop(
+            learner,
+            State(weights, learner.pathway.init_feedback(SIZES, generators(2))),
+            {"theta": torch.full((2, 10), 0.02)},
+            x,
+            y,
+            "fused",
+        )
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
