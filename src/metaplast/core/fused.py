@@ -84,7 +84,10 @@ class _Product(torch.autograd.Function):
     def backward(ctx, grad):
         v, matrix = ctx.saved_tensors
         if ctx.sink is not None:  # M = W^T: dW = grad^T v;  M = W: dW = v^T grad
-            ctx.sink.append((grad, v) if ctx.transposed else (v, grad))
+            # detached: v carries its graph, and a graph node reached from its own ctx is a
+            # reference cycle through C++ that Python's collector never frees (a leak per step)
+            grad, v_factor = grad.detach(), v.detach()
+            ctx.sink.append((grad, v_factor) if ctx.transposed else (v_factor, grad))
         grad_v = grad @ matrix.transpose(-1, -2) if ctx.needs_input_grad[0] else None  # not for x
         return grad_v, None, torch.zeros((), dtype=grad.dtype, device=grad.device), None, None, None
 
@@ -254,6 +257,7 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y):
         if sink:
             lefts, rights = zip(*sink)
             grad.baddbmm_(torch.cat(lefts, 1).transpose(1, 2), torch.cat(rights, 1))
+            sink.clear()
     per_layer = [torch.zeros_like(c) if g is None else g for c, g in zip(coefficients, per_layer)]
     return (grad_theta if grad_theta is not None else torch.zeros_like(theta)), per_layer
 
