@@ -141,6 +141,20 @@ def test_scaled_adam_takes_step_lr_over_s_and_unit_scales_are_plain_adam_bit_for
     assert plain.abs().min() > 0.9e-3  # the sign-like first step of plain Adam
 
 
+def test_the_pools_default_steps_are_the_stable_set(make_cfg, tmp_path):
+    """rule=pool's default scales: the issue's hand-picked set with θ_1's step divided by 3
+    (README, Discovery); ``measured`` stays the hand-picked set."""
+    plain = first_theta_step(make_cfg, tmp_path, "plain", "rule.term_scale=null")
+    default = first_theta_step(make_cfg, tmp_path, "default")
+    measured = first_theta_step(make_cfg, tmp_path, "measured", "rule.term_scale=measured")
+    scale = torch.ones(10, dtype=torch.float64)
+    for r, s in HAND_PICKED.items():
+        scale[r] = s
+    torch.testing.assert_close(measured, plain / scale, rtol=1e-4, atol=1e-12)
+    scale[1] = 3
+    torch.testing.assert_close(default, plain / scale, rtol=1e-4, atol=1e-12)
+
+
 def test_automatic_scales_are_saved_and_a_resumed_run_keeps_them(make_cfg, tmp_path):
     first = tmp_path / "first"
     first.mkdir()

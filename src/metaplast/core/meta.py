@@ -129,11 +129,14 @@ class MetaParameters(torch.nn.Module):
 # ---------------------------------------------------------------- term scaling
 
 
-#: Named scale sets: ``measured`` are the scales that removed the divergence of the pool in the
-#: discovery issue (about each term's size relative to F^0, with a margin of 5 for the cubic
-#: terms F^6..F^8, which grow as the weights do; docs/results.md, Discovery).
+#: Named scale sets: ``measured`` are the scales that removed most of the divergence of the pool
+#: in the discovery issue (about each term's size relative to F^0, with a margin of 5 for the
+#: cubic terms F^6..F^8, which grow as the weights do); ``stable`` (the pool's default) also
+#: divides θ_1's step by 3: F^1 = -e_ℓ e_{ℓ-1}ᵀ is quadratic in the errors, and the trials that
+#: still diverged under ``measured`` had drifted to large θ_1 (README, Discovery).
 NAMED_TERM_SCALES: dict[str, dict[int, float]] = {
     "measured": {3: 10.0, 4: 3.0, 5: 45.0, 6: 5.0, 7: 5.0, 8: 5.0, 9: 25.0},
+    "stable": {1: 3.0, 3: 10.0, 4: 3.0, 5: 45.0, 6: 5.0, 7: 5.0, 8: 5.0, 9: 25.0},
 }
 
 

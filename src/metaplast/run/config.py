@@ -87,7 +87,7 @@ class RuleConfig:
     per_layer: list[Any] | None = None
     theta0_init: float = 1e-3
     theta_init: float = 0.0
-    term_scale: Any = None  # null (plain Adam), auto (measured) or {term id: s}: Adam on s_r θ_r
+    term_scale: Any = None  # null (plain Adam), auto, measured, stable or {term id: s}: Adam on s_r θ_r
     share: Sharing = Sharing.all  # Θ for all layers, per layer, or per synapse
     plastic: int | None = None  # only the top N layers use rule.terms, those below are frozen ('none')
     # project Θ onto θ >= 0 after every meta-step (FLP's α: Oja's rule with α < 0 grows without bound)
