@@ -21,6 +21,7 @@ from metaplast.core.terms import TERM_IDS, LayerSignals, term_norms
 from metaplast.data import TaskSampler, load_dataset
 from metaplast.run.calibration import calibrate
 from metaplast.run.config import ConfigError, validate
+from metaplast.run.module import clip_spikes
 from metaplast.run.train import build_module, run
 from metaplast.safety import CheckpointError, load_checkpoint, save_torch
 
@@ -226,3 +227,27 @@ def test_authors_sampler_uses_the_first_k_plus_q_images_of_each_class_and_draws_
     assert 150 < repeats < 200
     fresh = TaskSampler(images, labels, M=5, K=3, Q=2, seed=1)
     assert all(len(set(fresh.sample().y_query.tolist())) == 5 for _ in range(50))
+
+
+def test_spike_clip_limits_each_entry_to_kappa_times_adams_rms():
+    """meta.spike_clip: after Adam's first step on g_1 (v̂ = g_1²), a spike is clipped to
+    ±κ |g_1| entry by entry; entries within the limit and non-finite ones are left alone."""
+    theta = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    adam = torch.optim.Adam([theta], lr=1e-3)
+    first = torch.tensor([[1e-3, -2e-3, 4e-3], [1.0, 5.0, -3.0]], dtype=torch.float64)
+    theta.grad = first.clone()
+    adam.step()
+    spike = torch.tensor([[1e12, -1e12, 0.01], [-1e18, 2.0, float("nan")]], dtype=torch.float64)
+    theta.grad = spike.clone()
+    clip_spikes([theta], adam.state, 0.999, 10.0)
+    expected = torch.tensor([[1e-2, -2e-2, 0.01], [-10.0, 2.0, float("nan")]], dtype=torch.float64)
+    torch.testing.assert_close(theta.grad, expected, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_spike_clip_runs_and_a_bad_value_is_refused(make_cfg, tmp_path):
+    """Three episodes with κ = 2 run end to end; κ < 1 is refused naming it."""
+    module = run(make_cfg("rule=pool", "meta.episodes=3", "meta.spike_clip=2"), tmp_path)
+    assert module.cfg.meta.spike_clip == 2
+    message = r"meta.spike_clip=0.5 is not allowed; allowed: null \(plain Adam\) or a number >= 1"
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg("rule=pool", "meta.spike_clip=0.5"))

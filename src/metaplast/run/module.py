@@ -244,11 +244,13 @@ class MetaPlasticity(L.LightningModule):
             if p.grad is not None:
                 finite &= p.grad.reshape(len(finite), -1).isfinite().all(1)
         self._finite = finite
+        state = getattr(optimizer, "optimizer", optimizer).state
+        b2 = optimizer.param_groups[0]["betas"][1]
+        if self.cfg.meta.spike_clip is not None:
+            clip_spikes(params, state, b2, self.cfg.meta.spike_clip)
         diverged = ~finite
         if not diverged.any():
             return
-        state = getattr(optimizer, "optimizer", optimizer).state
-        b2 = optimizer.param_groups[0]["betas"][1]
         thetas = self.meta.groups()["theta"]
         with torch.no_grad():
             for p, anchor, growth in zip(params, self.anchor, self._growth):
@@ -671,6 +673,23 @@ def log_sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
         top = t.detach().abs().max().clamp_min(torch.finfo(t.dtype).tiny)
         logs.append(2 * torch.log(top) + torch.log((t / top).pow(2).sum()))
     return torch.logsumexp(torch.stack(logs), 0)
+
+
+@torch.no_grad()
+def clip_spikes(params, state, b2: float, kappa: float) -> None:
+    """``meta.spike_clip``: clip each finite meta-gradient entry to ±κ √v̂, Adam's running RMS of
+    that entry (bias-corrected), once Adam has one. A single finite but huge meta-gradient (an
+    episode on the edge of blowing up: up to 1e18 here) would otherwise raise √v̂ by its size,
+    and with β_2 = 0.999 Adam's steps on that trial stay ~0 for thousands of episodes: its Θ
+    freezes and the regulariser's gradient λ no longer moves it. With the clip v̂ grows at most
+    by β_2 + (1 - β_2) κ² per episode."""
+    for p in params:
+        moments = state.get(p, {})
+        if p.grad is None or "exp_avg_sq" not in moments or int(moments["step"]) == 0:
+            continue
+        limit = kappa * (moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))).sqrt()
+        finite = p.grad.isfinite()
+        p.grad.copy_(torch.where(finite, torch.minimum(torch.maximum(p.grad, -limit), limit), p.grad))
 
 
 def growth_gradients(learner, state, meta, params, x_train, y_train, batch, diverged) -> list[torch.Tensor]:
