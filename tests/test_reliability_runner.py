@@ -606,6 +606,44 @@ def test_the_table_renders_exactly_what_it_wrote(straight):
     assert saved["rows"].shape[0] == 4 * 2  # episodes x trials, all of them
 
 
+def test_a_resumed_table_that_logs_new_columns_widens_instead_of_failing(tmp_path):
+    """A checkpoint of an older version holds fewer columns (metaplast once failed there with
+    torch's 'expected sequence of length 26 at dim 1 (got 36)'): the table gains the new columns,
+    earlier rows read NaN there, the file is rewritten with the new header, and the checkpoint's
+    record stays rectangular."""
+    old = EpisodeCSV(None)
+    for episode in range(2):
+        old.append(
+            episode,
+            [0, 1],
+            {"meta/diverged": torch.tensor([0.0, 1.0]), "meta/loss": torch.tensor([1.5, 2.5])},
+        )
+    path = tmp_path / "metrics.csv"
+    table = EpisodeCSV(path)
+    table.restore(old.state_dict(), 2)
+    record = {
+        "meta/diverged": torch.tensor([0.0, 0.0]),
+        "meta/loss": torch.tensor([0.5, 0.25]),
+        "cos/0": torch.tensor([0.75, -0.5]),
+    }
+    table.append(2, [0, 1], record)
+    table.append(3, [0, 1], record)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "episode,trial,meta_diverged,meta_loss,cos_0"
+    assert lines[1:] == [
+        "0,0,0,1.5,nan",
+        "0,1,1,nan,nan",
+        "1,0,0,1.5,nan",
+        "1,1,1,nan,nan",
+        "2,0,0,0.5,0.75",
+        "2,1,0,0.25,-0.5",
+        "3,0,0,0.5,0.75",
+        "3,1,0,0.25,-0.5",
+    ]
+    assert table.state_dict()["rows"].shape == (8, 5)
+    assert table.render().encode() == path.read_bytes()
+
+
 @pytest.mark.parametrize("episodes, every", [(5, 3), (3, 2), (2, 5), (4, 2), (1, 50)])
 def test_last_ckpt_is_the_final_state_whatever_checkpoint_every(make_cfg, tmp_path, episodes, every):
     run(make_cfg("rule=bio", f"meta.episodes={episodes}", f"trainer.checkpoint_every={every}"), tmp_path)

@@ -167,20 +167,31 @@ class EpisodeCSV:
         self._text = text
 
     def append(self, episode: int, trial_ids: list[int], record: dict[str, torch.Tensor]) -> None:
-        columns = ["episode", "trial", *[key.replace("/", "_") for key in record]]
+        """One episode's rows. A record with keys the table lacks (a run resumed from the checkpoint
+        of an older version, which logged fewer columns) widens the table: earlier rows get NaN
+        there and the file is rewritten with the new header; a key the record lacks gets NaN."""
         if self.keys is None:
             self.keys = list(record)
+        widened = [key for key in record if key not in self.keys]
+        if widened:
+            self.keys += widened
+            self.rows = [row + [float("nan")] * len(widened) for row in self.rows]
+        missing = [float("nan")] * len(trial_ids)
+        values = [record[key].tolist() if key in record else missing for key in self.keys]
         diverged = record.get("meta/diverged", torch.zeros(len(trial_ids))).tolist()
-        values = [v.tolist() for v in record.values()]
         for index, trial in enumerate(trial_ids):
             self.rows.append([float(episode), float(trial), *(float(v[index]) for v in values)])
         if self.path is None:
             return
+        if widened:
+            write_text(self.path, self.render())
+            self._text = self.render()
+            return
         if self._text is None:
             self._text = self.path.read_text(encoding="utf-8") if self.path and self.path.exists() else ""
-        rows = [] if self._text else [columns]
+        rows = [] if self._text else [["episode", "trial", *[key.replace("/", "_") for key in self.keys]]]
         for index, trial in enumerate(trial_ids):
-            cells = [_cell(key, v[index], diverged[index]) for key, v in zip(record, values)]
+            cells = [_cell(key, v[index], diverged[index]) for key, v in zip(self.keys, values)]
             rows.append([episode, trial, *cells])
         self._write(rows, append=True)
 
