@@ -266,7 +266,7 @@ class MetaPlasticity(L.LightningModule):
                 rows = rows / rows.abs().amax(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
                 unit = rows / rows.pow(2).mean(1, keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
                 if "exp_avg_sq" in moments and int(moments["step"]) > 0:
-                    v_hat = moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))
+                    v_hat = adam_v_hat(moments, b2)
                     unit = (
                         unit
                         * v_hat[diverged].reshape(len(unit), -1).sqrt().pow(2).mean(1, keepdim=True).sqrt()
@@ -675,6 +675,11 @@ def log_sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.logsumexp(torch.stack(logs), 0)
 
 
+def adam_v_hat(moments: dict, b2: float) -> torch.Tensor:
+    """Adam's bias-corrected second moment v̂ of one parameter (its optimizer state, step ≥ 1)."""
+    return moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))
+
+
 @torch.no_grad()
 def clip_spikes(params, state, b2: float, kappa: float) -> None:
     """``meta.spike_clip``: clip each finite meta-gradient entry to ±κ √v̂, Adam's running RMS of
@@ -687,7 +692,7 @@ def clip_spikes(params, state, b2: float, kappa: float) -> None:
         moments = state.get(p, {})
         if p.grad is None or "exp_avg_sq" not in moments or int(moments["step"]) == 0:
             continue
-        limit = kappa * (moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))).sqrt()
+        limit = kappa * adam_v_hat(moments, b2).sqrt()
         finite = p.grad.isfinite()
         p.grad.copy_(torch.where(finite, torch.minimum(torch.maximum(p.grad, -limit), limit), p.grad))
 

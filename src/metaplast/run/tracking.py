@@ -184,8 +184,8 @@ class EpisodeCSV:
         if self.path is None:
             return
         if widened:
-            write_text(self.path, self.render())
             self._text = self.render()
+            write_text(self.path, self._text)
             return
         if self._text is None:
             self._text = self.path.read_text(encoding="utf-8") if self.path and self.path.exists() else ""
