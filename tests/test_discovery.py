@@ -4,9 +4,11 @@ Term sizes against the literal dense terms; the automatic scales against an inde
 computation with the literal one-trial formulation; Adam on s θ against plain Adam.
 """
 
+import csv
 import json
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from metaplast.core.terms import TERM_IDS, LayerSignals, term_norms
 from metaplast.data import TaskSampler, load_dataset
 from metaplast.run.calibration import calibrate
 from metaplast.run.config import ConfigError, validate
-from metaplast.run.module import clip_spikes
+from metaplast.run.module import clip_spikes, undo_nonfinite_steps
 from metaplast.run.train import build_module, run
 from metaplast.safety import CheckpointError, load_checkpoint, save_torch
 
@@ -251,3 +253,103 @@ def test_spike_clip_runs_and_a_bad_value_is_refused(make_cfg, tmp_path):
     message = r"meta.spike_clip=0.5 is not allowed; allowed: null \(plain Adam\) or a number >= 1"
     with pytest.raises(ConfigError, match=message):
         validate(make_cfg("rule=pool", "meta.spike_clip=0.5"))
+
+
+class SpikeAt(L.Callback):
+    """Multiplies trial 1's meta-gradient by ``factor`` at episode ``episode`` (callbacks' hooks
+    run before the module's, so the module sees the spike); keeps Θ and Adam's state around it."""
+
+    def __init__(self, episode, factor):
+        self.episode, self.factor, self.thetas = episode, factor, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.thetas.append(module.theta.detach().clone())
+        if trainer.global_step == self.episode + 1:
+            self.adam_after = {k: v.clone() for k, v in trainer.optimizers[0].state[module.theta].items()}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_step == self.episode:
+            self.adam_before = {k: v.clone() for k, v in trainer.optimizers[0].state[module.theta].items()}
+            module.theta.grad[1] *= self.factor
+
+
+def spiked_run(make_cfg, run_dir, *overrides, factor=1e12):
+    run_dir.mkdir()
+    cfg = make_cfg("rule=ehebb", "meta.trials=3", *overrides)
+    module = build_module(cfg, run_dir)
+    spike = SpikeAt(episode=2, factor=factor)
+    trainer = L.Trainer(
+        max_steps=4,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[spike],
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module)
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return module, trainer, spike, rows
+
+
+def test_spike_limit_steps_a_spiking_trial_back_keeps_its_results_and_spares_adams_second_moment(
+    make_cfg, tmp_path
+):
+    """meta.spike_limit: a finite meta-gradient 1e12 times its usual size at episode 2 is
+    recognised (‖g‖ > κ (Σ v̂)^½), the trial steps back half way to the Θ of episode 1 like a
+    diverged one, its accuracy and loss stay results (not flagged diverged), Adam's v̂ does not
+    take the spike in, and the other trials are bit for bit those of a run without the spike."""
+    clean, _, _, clean_rows = spiked_run(make_cfg, tmp_path / "clean", factor=1.0)
+    module, trainer, spike, rows = spiked_run(make_cfg, tmp_path / "limit", "meta.spike_limit=10")
+    plain, plain_trainer, _, _ = spiked_run(make_cfg, tmp_path / "plain")
+
+    at = {(int(r["episode"]), int(r["trial"])): r for r in rows}
+    clean_at = {(int(r["episode"]), int(r["trial"])): r for r in clean_rows}
+    assert at[2, 1]["meta_spike"] == "1" and at[2, 1]["meta_diverged"] == "0"
+    assert at[2, 1]["meta_acc"] == clean_at[2, 1]["meta_acc"]  # the episode's result is kept
+    # the logged norm is the raw meta-gradient's: the spike's factor over the clean run's
+    ratio = float(at[2, 1]["meta_grad_norm"]) / float(clean_at[2, 1]["meta_grad_norm"])
+    assert ratio == pytest.approx(1e12, rel=1e-5)
+    assert all(r["meta_spike"] == "0" for key, r in at.items() if key != (2, 1))
+    # Θ after episode 2 = Θ_1 + ρ (Θ_2 - Θ_1), ρ = meta.backtrack = 0.5
+    before, during = spike.thetas[1][1], spike.thetas[2][1]
+    torch.testing.assert_close(spike.thetas[3][1], before + 0.5 * (during - before))
+    # Adam took a surrogate of norm (Σ v̂)^½ (the trial's usual size) instead of the spike
+    before, after = spike.adam_before, spike.adam_after
+    surrogate = (after["exp_avg"][1] - 0.9 * before["exp_avg"][1]) / 0.1
+    reference = (before["exp_avg_sq"][1] / (1 - 0.999 ** int(before["step"]))).sum().sqrt()
+    assert surrogate.norm().item() == pytest.approx(reference.item(), rel=1e-4)
+    v_plain = plain_trainer.optimizers[0].state[plain.theta]["exp_avg_sq"][1]
+    v_limit = trainer.optimizers[0].state[module.theta]["exp_avg_sq"][1]
+    assert v_plain.max() > 1e20 * before["exp_avg_sq"][1].max()  # without the limit it takes the spike in
+    assert v_limit.max() < 1e-15 * v_plain.max()
+    for trial in (0, 2):
+        assert all(at[e, trial] == clean_at[e, trial] for e in range(4))
+    message = r"meta.spike_limit=0.5 is not allowed; allowed: null \(plain Adam\) or a number >= 1"
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg("rule=pool", "meta.spike_limit=0.5"))
+
+
+def test_an_adam_step_that_overflows_a_trials_moments_is_undone_for_that_trial_only():
+    """A gradient beyond the float range once made a trial's Θ NaN for the rest of a run: its
+    Adam moments were inf, and m/√v = inf/inf. Now that trial's step is undone, the others'
+    are plain Adam's."""
+    theta = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    adam, twin = torch.optim.Adam([theta], lr=0.1), torch.nn.Parameter(theta.detach()[:1].clone())
+    twin_adam = torch.optim.Adam([twin], lr=0.1)
+    for grad in ([[0.5, -1.0], [0.1, 0.2]], [[0.3, 0.3], [1e30, -1e30]]):  # 1e30² overflows float32
+        theta.grad, twin.grad = torch.tensor(grad), torch.tensor(grad[:1])
+        values = [theta.detach().clone()]
+        moments = [{k: v.clone() for k, v in adam.state.get(theta, {}).items() if k != "step"}]
+        adam.step()
+        twin_adam.step()
+        undo_nonfinite_steps([theta], values, adam.state, moments, 2)
+    torch.testing.assert_close(theta.detach()[:1], twin.detach(), rtol=0, atol=0)
+    assert theta.isfinite().all() and all(m.isfinite().all() for m in adam.state[theta].values())
+    torch.testing.assert_close(theta.detach()[1], values[0][1], rtol=0, atol=0)  # undone
+    torch.testing.assert_close(
+        adam.state[theta]["exp_avg_sq"][1], moments[0]["exp_avg_sq"][1], rtol=0, atol=0
+    )

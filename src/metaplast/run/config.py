@@ -139,6 +139,7 @@ class MetaConfig:
     max_diverged: int = 10  # consecutive diverged episodes of one trial that stop the run
     backtrack: float = 0.5  # a diverged trial moves to Θ_a + backtrack (Θ - Θ_a), Θ_a: its last finite Θ
     spike_clip: float | None = None  # κ: clip each meta-gradient entry to ±κ √v̂ (Adam's RMS); null: plain
+    spike_limit: float | None = None  # κ: ‖g‖ > κ × its RMS backtracks like a divergence; null: off
     sampling: SamplingMode = SamplingMode.fresh  # fresh (metaplast) or authors (the authors' code)
     gradient: Estimator = Estimator.auto  # the meta-gradient: fused where it applies, else autograd
     truncate: int | None = None  # autograd: backpropagate through the last k inner steps only
@@ -556,9 +557,10 @@ def validate(cfg) -> Rule:
     check_task(cfg)
     if not 0 < cfg.meta.backtrack < 1:
         _fail("meta.backtrack", cfg.meta.backtrack, "a number in (0, 1)")
-    clip = cfg.meta.spike_clip  # a float by the schema
-    if clip is not None and not 1 <= clip < math.inf:
-        _fail("meta.spike_clip", clip, "null (plain Adam) or a number >= 1")
+    for name in ("spike_clip", "spike_limit"):
+        kappa = getattr(cfg.meta, name)  # a float by the schema
+        if kappa is not None and not 1 <= kappa < math.inf:
+            _fail(f"meta.{name}", kappa, "null (plain Adam) or a number >= 1")
     if _value(cfg.meta.sampling) == "authors" and cfg.model.remap_labels:
         allowed = "fresh with model.remap_labels=true (the authors' tasks can repeat a class)"
         _fail("meta.sampling", "authors", allowed)

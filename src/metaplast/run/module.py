@@ -217,9 +217,7 @@ class MetaPlasticity(L.LightningModule):
         for value in [*adapted.weights, *adapted.feedback, *metrics.values()]:
             finite &= value.detach().reshape(len(finite), -1).isfinite().all(1)
         self._episode = (self.global_step, record, finite)  # logged in on_train_batch_end
-        self._growth = growth_gradients(
-            self.learner, state, meta, list(self.meta.parameters()), x_train, y_train, cfg.meta.batch, ~finite
-        )
+        self._task = (state.detach(), x_train, y_train)  # for the surrogate of a diverged trial
         return torch.where(finite, loss, torch.zeros_like(loss)).sum()
 
     # --- per-term step scaling: Adam on s_r θ_r (metaplast.core.meta) ---
@@ -235,25 +233,32 @@ class MetaPlasticity(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         """Called after the backward pass: hand Adam ``φ = s θ`` and ``dL/dφ = dL/dθ / s``, and
-        give each diverged trial its surrogate gradient (:meth:`optimizer_step`)."""
-        self._scale_theta(multiply=True, with_grad=True)
-        _, _, finite = self._episode
+        give each diverged or spiking trial its surrogate gradient (:meth:`optimizer_step`)."""
+        _, record, finite = self._episode
         params = list(self.meta.parameters())
+        record["meta/grad_norm"] = meta_gradient_norm(params, len(finite))
         for p in params:
             finite = finite & p.detach().reshape(len(finite), -1).isfinite().all(1)
             if p.grad is not None:
                 finite &= p.grad.reshape(len(finite), -1).isfinite().all(1)
-        self._finite = finite
         state = getattr(optimizer, "optimizer", optimizer).state
         b2 = optimizer.param_groups[0]["betas"][1]
+        spiking = torch.zeros_like(finite)
+        if self.cfg.meta.spike_limit is not None:
+            spiking = finite & self._spiking(params, state, b2, self.cfg.meta.spike_limit)
+        record["meta/spike"] = spiking.double().cpu()
+        self._finite, self._spiking_now = finite, spiking
+        bad = ~finite | spiking
+        growths = self._growth(bad, finite) if bad.any() else None  # θ's units, before the scaling
+        self._scale_theta(multiply=True, with_grad=True)
         if self.cfg.meta.spike_clip is not None:
             clip_spikes(params, state, b2, self.cfg.meta.spike_clip)
-        diverged = ~finite
-        if not diverged.any():
+        if growths is None:
             return
+        diverged = bad
         thetas = self.meta.groups()["theta"]
         with torch.no_grad():
-            for p, anchor, growth in zip(params, self.anchor, self._growth):
+            for p, anchor, growth in zip(params, self.anchor, growths):
                 if self.term_scale is not None and any(p is t for t in thetas):
                     scale = self.term_scale.to(p)
                     anchor, growth = anchor.to(p) * scale, growth / scale  # into Adam's φ = s θ
@@ -267,13 +272,39 @@ class MetaPlasticity(L.LightningModule):
                 unit = rows / rows.pow(2).mean(1, keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
                 if "exp_avg_sq" in moments and int(moments["step"]) > 0:
                     v_hat = adam_v_hat(moments, b2)
-                    unit = (
-                        unit
-                        * v_hat[diverged].reshape(len(unit), -1).sqrt().pow(2).mean(1, keepdim=True).sqrt()
-                    )
+                    rms = v_hat[diverged].reshape(len(unit), -1).double().mean(1, keepdim=True).sqrt()
+                    unit = unit * rms.clamp_max(torch.finfo(p.dtype).max ** 0.5).to(unit)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad[diverged] = unit.reshape(p[diverged].shape)
+
+    def _growth(self, bad: torch.Tensor, finite: torch.Tensor) -> list[torch.Tensor]:
+        """:func:`growth_gradients` of this episode for the trials in ``bad`` (Θ in its own units)."""
+        state, x_train, y_train = self._task
+        params, batch = list(self.meta.parameters()), self.cfg.meta.batch
+        with torch.enable_grad():
+            meta = self.meta.as_meta()
+            return growth_gradients(self.learner, state, meta, params, x_train, y_train, batch, bad, finite)
+
+    def _spiking(self, params, state, b2: float, kappa: float) -> torch.Tensor:
+        """``meta.spike_limit``: trials whose meta-gradient, in Adam's units, is larger than κ times
+        its running RMS, ``‖g‖ > κ (Σ v̂)^½`` over all their meta-parameters (none before Adam's
+        first step). Such a gradient comes from an episode on the edge of blowing up (its norm
+        grows from ~1e3 to 1e10..1e14 within a few episodes, measured on FashionMNIST)."""
+        trials = len(self.trial_ids)
+        square, reference = torch.zeros(trials, dtype=torch.float64), torch.zeros(trials, dtype=torch.float64)
+        thetas = self.meta.groups()["theta"]
+        for p in params:
+            moments = state.get(p, {})
+            if p.grad is None or "exp_avg_sq" not in moments or int(moments["step"]) == 0:
+                continue
+            grad = p.grad.detach().double()
+            if self.term_scale is not None and any(p is t for t in thetas):
+                grad = grad / self.term_scale.to(grad)  # dL/dφ, φ = s θ
+            square += grad.reshape(trials, -1).pow(2).sum(1).cpu()
+            reference += adam_v_hat(moments, b2).double().reshape(trials, -1).sum(1).cpu()
+        spiking = (reference > 0) & (square > kappa**2 * reference)
+        return spiking.to(params[0].device)
 
     # --- divergence: the optimiser learns from it ---
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
@@ -293,7 +324,10 @@ class MetaPlasticity(L.LightningModule):
         """
         params = list(self.meta.parameters())
         values = [p.detach().clone() for p in params]
+        state = getattr(optimizer, "optimizer", optimizer).state
+        moments = [{k: v.clone() for k, v in state.get(p, {}).items() if k != "step"} for p in params]
         optimizer.step(closure=optimizer_closure)
+        undo_nonfinite_steps(params, values, state, moments, len(self._finite))
         self._scale_theta(multiply=False)
         if self.cfg.rule.nonnegative:  # projected Adam: Θ stays in θ >= 0
             with torch.no_grad():
@@ -302,14 +336,16 @@ class MetaPlasticity(L.LightningModule):
         episode, record, _ = self._episode
         finite = self._finite
         diverged = ~finite
+        back = diverged | self._spiking_now  # both step back towards the last healthy Θ
+        healthy = ~back
         rho = self.cfg.meta.backtrack
         with torch.no_grad():
             for p, value, anchor in zip(params, values, self.anchor):
-                if diverged.any():
-                    target = anchor.to(value)[diverged]
-                    p[diverged] = target + rho * (value[diverged] - target)
-                anchor[finite.to(anchor.device)] = value[finite].to(anchor)
-            self.anchored |= finite.cpu()
+                if back.any():
+                    target = anchor.to(value)[back]
+                    p[back] = target + rho * (value[back] - target)
+                anchor[healthy.to(anchor.device)] = value[healthy].to(anchor)
+            self.anchored |= healthy.cpu()
         self.diverged_streak = [n + 1 if d else 0 for n, d in zip(self.diverged_streak, diverged.tolist())]
         self._episode = (episode, flag_diverged(record, diverged), diverged.cpu())
         # The table gets the episode now, before the checkpoint callbacks of this step (they run
@@ -675,6 +711,37 @@ def log_sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.logsumexp(torch.stack(logs), 0)
 
 
+@torch.no_grad()
+def undo_nonfinite_steps(params, values, state, moments, trials: int) -> None:
+    """A trial whose Adam step left a non-finite meta-parameter or moment (a gradient beyond the
+    float range) gets its step undone: parameters and moments as before the step (moments zero
+    where Adam had none). Otherwise a NaN in Adam's moments would make that trial's Θ NaN on
+    every later episode (seen once in 600 episodes: a trial 'diverged' for its last 349)."""
+    bad = torch.zeros(trials, dtype=torch.bool, device=params[0].device)
+    for p in params:
+        rows = [p, *(v for k, v in state.get(p, {}).items() if k != "step")]
+        for t in rows:
+            bad |= ~t.detach().reshape(trials, -1).isfinite().all(1)
+    if not bad.any():
+        return
+    for p, value, before in zip(params, values, moments):
+        p[bad] = value[bad]
+        for key, moment in state.get(p, {}).items():
+            if key != "step":
+                moment[bad] = before[key][bad] if key in before else 0
+
+
+@torch.no_grad()
+def meta_gradient_norm(params, trials: int) -> torch.Tensor:
+    """‖dL/dP‖ per trial over all meta-parameters, in their own units (before any step scaling or
+    clipping): the size of the meta-gradient, whose rare huge spikes ``meta.spike_clip`` is about."""
+    squares = torch.zeros(trials, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            squares += p.grad.detach().double().reshape(trials, -1).pow(2).sum(1).cpu()
+    return squares.sqrt()
+
+
 def adam_v_hat(moments: dict, b2: float) -> torch.Tensor:
     """Adam's bias-corrected second moment v̂ of one parameter (its optimizer state, step ≥ 1)."""
     return moments["exp_avg_sq"] / (1 - b2 ** int(moments["step"]))
@@ -697,11 +764,14 @@ def clip_spikes(params, state, b2: float, kappa: float) -> None:
         p.grad.copy_(torch.where(finite, torch.minimum(torch.maximum(p.grad, -limit), limit), p.grad))
 
 
-def growth_gradients(learner, state, meta, params, x_train, y_train, batch, diverged) -> list[torch.Tensor]:
+def growth_gradients(
+    learner, state, meta, params, x_train, y_train, batch, diverged, finite=None
+) -> list[torch.Tensor]:
     """For each diverged trial, ``∂S/∂P`` of ``S = log Σ_ℓ ‖W_ℓ‖²`` at the last inner step whose
     weights are all finite (zeros for the other trials): which way each meta-parameter drives
     the growth that ended in the blow-up. Rows of ``params``' shapes; one extra pass of the
-    episode per diverged trial (finding the step without gradient, then differentiating)."""
+    episode per diverged trial (finding the step without gradient, then differentiating), the
+    first skipped for trials whose whole episode is known to be ``finite`` (a spike)."""
     grads = [torch.zeros_like(p) for p in params]
     steps = -(-x_train.shape[1] // batch)
     for index in diverged.nonzero().flatten().tolist():
@@ -712,9 +782,10 @@ def growth_gradients(learner, state, meta, params, x_train, y_train, batch, dive
         )
         sub_meta = {k: _trial(v, index) for k, v in meta.items()}
         chunk = lambda t, i, index=index: t[index : index + 1, i * batch : (i + 1) * batch]  # noqa: E731
-        finite_steps, probe = 0, sub
+        known = finite is not None and bool(finite[index])
+        finite_steps, probe = steps if known else 0, sub
         with torch.no_grad():
-            for i in range(steps):
+            for i in range(0 if known else steps):
                 probe = learner.step(probe, sub_meta, chunk(x_train, i), chunk(y_train, i))
                 if not all(w.isfinite().all() for w in probe.weights):
                     break

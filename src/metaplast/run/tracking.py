@@ -240,12 +240,12 @@ class EpisodeCSV:
 
 
 def _cell(key: str, value: float, diverged: float) -> str:
-    """``repr`` of the value; the flag as 0/1; ``nan`` for a diverged trial's results."""
+    """``repr`` of the value; the flags as 0/1; ``nan`` for a diverged trial's results."""
     if key == "meta/diverged":
         return str(int(value))
     if diverged and not is_meta_parameter(key):
         return "nan"
-    return repr(float(value))
+    return str(int(value)) if key == "meta/spike" else repr(float(value))
 
 
 def has_wandb_key(host: str = "api.wandb.ai") -> bool:
