@@ -284,7 +284,10 @@ class MetaPlasticity(L.LightningModule):
         params, batch = list(self.meta.parameters()), self.cfg.meta.batch
         with torch.enable_grad():
             meta = self.meta.as_meta()
-            return growth_gradients(self.learner, state, meta, params, x_train, y_train, batch, bad, finite)
+            estimator = self.cfg.meta.gradient.value
+            return growth_gradients(
+                self.learner, state, meta, params, x_train, y_train, batch, bad, finite, estimator
+            )
 
     def _spiking(self, params, state, b2: float, kappa: float) -> torch.Tensor:
         """``meta.spike_limit``: trials whose meta-gradient, in Adam's units, is larger than κ times
@@ -765,13 +768,14 @@ def clip_spikes(params, state, b2: float, kappa: float) -> None:
 
 
 def growth_gradients(
-    learner, state, meta, params, x_train, y_train, batch, diverged, finite=None
+    learner, state, meta, params, x_train, y_train, batch, diverged, finite=None, estimator="auto"
 ) -> list[torch.Tensor]:
     """For each diverged trial, ``∂S/∂P`` of ``S = log Σ_ℓ ‖W_ℓ‖²`` at the last inner step whose
     weights are all finite (zeros for the other trials): which way each meta-parameter drives
     the growth that ended in the blow-up. Rows of ``params``' shapes; one extra pass of the
     episode per diverged trial (finding the step without gradient, then differentiating), the
-    first skipped for trials whose whole episode is known to be ``finite`` (a spike)."""
+    first skipped for trials whose whole episode is known to be ``finite`` (a spike); the second
+    with the meta-gradient ``estimator`` (``fused`` where it applies: as fast as an episode)."""
     grads = [torch.zeros_like(p) for p in params]
     steps = -(-x_train.shape[1] // batch)
     for index in diverged.nonzero().flatten().tolist():
@@ -793,9 +797,8 @@ def growth_gradients(
         if finite_steps == 0:
             continue
         with torch.enable_grad():
-            grown = sub
-            for i in range(finite_steps):
-                grown = learner.step(grown, sub_meta, chunk(x_train, i), chunk(y_train, i))
+            seen = slice(index, index + 1), slice(0, finite_steps * batch)
+            grown = inner_loop(learner, sub, sub_meta, x_train[seen], y_train[seen], estimator, batch)
             growth = log_sum_squares(grown.weights)
             found = torch.autograd.grad(growth, params, allow_unused=True)
         for grad, g in zip(grads, found):
