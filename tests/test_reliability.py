@@ -477,6 +477,31 @@ def test_growth_gradient_is_the_gradient_of_the_log_weight_norm_before_the_blow_
     torch.testing.assert_close(grads[1], expected[0].to(grads.dtype), rtol=1e-3, atol=0)
 
 
+def test_growth_gradient_of_a_finite_spiking_trial_is_the_same_with_the_fused_and_autograd_estimators():
+    """A trial known finite (meta.spike_limit) skips the search for the last finite step; its
+    d log Σ‖W‖² / dΘ over the whole episode is the fused backward's and autograd's alike (float64)."""
+    from core_helpers import learner_for
+    from metaplast.run.module import growth_gradients
+
+    learner = learner_for("fa", [6, 5, 4, 3], "pool")
+    state = learner.init_state(
+        [torch.Generator().manual_seed(t) for t in range(3)], like=torch.zeros((), dtype=torch.float64)
+    )
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 9, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 9), generator=g)
+    theta = torch.nn.Parameter(torch.rand(3, 10, generator=g, dtype=torch.float64) * 1e-2)
+    spiking, finite = torch.tensor([True, False, True]), torch.ones(3, dtype=torch.bool)
+    found = {
+        estimator: growth_gradients(
+            learner, state, {"theta": theta}, [theta], x, y, 1, spiking, finite, estimator
+        )[0]
+        for estimator in ("fused", "autograd")
+    }
+    assert torch.equal(found["fused"][1], torch.zeros(10)) and found["fused"][[0, 2]].abs().min() > 0
+    assert (found["fused"] - found["autograd"]).norm() <= 1e-10 * found["autograd"].norm()
+
+
 # --- 6. data faults, round two (issue 14): values, shapes, label ids, sizes before decompressing ---
 
 
