@@ -217,7 +217,7 @@ class MetaPlasticity(L.LightningModule):
         for value in [*adapted.weights, *adapted.feedback, *metrics.values()]:
             finite &= value.detach().reshape(len(finite), -1).isfinite().all(1)
         self._episode = (self.global_step, record, finite)  # logged in on_train_batch_end
-        self._task = (state.detach(), x_train, y_train)  # for the surrogate of a diverged trial
+        self._task = (state.detach(), x_train, y_train)  # for a diverged or spiking trial's surrogate
         return torch.where(finite, loss, torch.zeros_like(loss)).sum()
 
     # --- per-term step scaling: Adam on s_r θ_r (metaplast.core.meta) ---
@@ -255,7 +255,6 @@ class MetaPlasticity(L.LightningModule):
             clip_spikes(params, state, b2, self.cfg.meta.spike_clip)
         if growths is None:
             return
-        diverged = bad
         thetas = self.meta.groups()["theta"]
         with torch.no_grad():
             for p, anchor, growth in zip(params, self.anchor, growths):
@@ -267,16 +266,16 @@ class MetaPlasticity(L.LightningModule):
                     growth.abs().sum(tuple(range(1, p.dim())), keepdim=True) > 0, growth, toward_anchor
                 )
                 moments = state.get(p, {})
-                rows = direction[diverged].reshape(int(diverged.sum()), -1)
+                rows = direction[bad].reshape(int(bad.sum()), -1)
                 rows = rows / rows.abs().amax(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
                 unit = rows / rows.pow(2).mean(1, keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
                 if "exp_avg_sq" in moments and int(moments["step"]) > 0:
                     v_hat = adam_v_hat(moments, b2)
-                    rms = v_hat[diverged].reshape(len(unit), -1).double().mean(1, keepdim=True).sqrt()
+                    rms = v_hat[bad].reshape(len(unit), -1).double().mean(1, keepdim=True).sqrt()
                     unit = unit * rms.clamp_max(torch.finfo(p.dtype).max ** 0.5).to(unit)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad[diverged] = unit.reshape(p[diverged].shape)
+                p.grad[bad] = unit.reshape(p[bad].shape)
 
     def _growth(self, bad: torch.Tensor, finite: torch.Tensor) -> list[torch.Tensor]:
         """:func:`growth_gradients` of this episode for the trials in ``bad`` (Θ in its own units)."""
@@ -323,7 +322,9 @@ class MetaPlasticity(L.LightningModule):
         ``P_a + ρ (P - P_a)``, P_a its meta-parameters in its last finite episode (0 before any:
         the rule that changes nothing), ρ = ``meta.backtrack``: it neither re-runs the P that
         diverged nor loses its progress, and consecutive divergences shrink the distance
-        geometrically.
+        geometrically. With ``meta.spike_limit`` a finite episode whose meta-gradient spiked is
+        handled the same way (its S over the whole episode; P_a: the last healthy episode's).
+        A step that left a trial's P or Adam moments non-finite is undone for that trial.
         """
         params = list(self.meta.parameters())
         values = [p.detach().clone() for p in params]
@@ -737,7 +738,7 @@ def undo_nonfinite_steps(params, values, state, moments, trials: int) -> None:
 @torch.no_grad()
 def meta_gradient_norm(params, trials: int) -> torch.Tensor:
     """‖dL/dP‖ per trial over all meta-parameters, in their own units (before any step scaling or
-    clipping): the size of the meta-gradient, whose rare huge spikes ``meta.spike_clip`` is about."""
+    clipping): ~1e3 on a healthy pool trial, 1e9..1e14 at the edge of chaos (``meta.spike_limit``)."""
     squares = torch.zeros(trials, dtype=torch.float64)
     for p in params:
         if p.grad is not None:
