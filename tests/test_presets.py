@@ -55,6 +55,15 @@ def test_train_preset_composes_with_the_papers_protocol(preset):
     assert (quick.meta.episodes, quick.meta.trials) == (100, 4)
 
 
+def test_the_discovery_presets_limit_meta_gradient_spikes_and_null_restores_the_papers_adam():
+    for preset in ("fig4", "s5"):
+        assert compose_with("config", f"+experiment={preset}").meta.spike_limit == 10
+        assert (
+            compose_with("config", f"+experiment={preset}", "meta.spike_limit=null").meta.spike_limit is None
+        )
+    assert compose_with("config", "rule=pool").meta.spike_limit is None  # the option's own default
+
+
 def test_sweeping_presets_list_the_papers_conditions():
     assert compose_with("config", "+experiment=fig3", hydra=True).hydra.sweeper.params == {
         "feedback": "fa,bp"
