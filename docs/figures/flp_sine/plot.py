@@ -1,5 +1,6 @@
 """Figures of the issue-12 sine runs: Fig. 2B (forgetting per block), Fig. 2C (update-gradient cosine
 over the stream), meta-training curves. python outputs/flp/plot.py OUTDIR"""
+
 import csv
 import json
 import sys
@@ -12,9 +13,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 root, out = Path("outputs/flp"), Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-RUNS = {"flp3p": ("FLP (3), α ≥ 0", "C0"), "flp3": ("FLP (3), α free", "C9"), "grad3": ("gradient-based (3)", "C3"),
-        "fa3": ("FA + F⁰ (3)", "C2"), "flp1p": ("feature reuse (1)", "C7")}
+out.mkdir(parents=True, exist_ok=True)  # noqa: E501
+RUNS = {
+    "flp3p": ("FLP (3), α ≥ 0", "C0"),
+    "flp3": ("FLP (3), α free", "C9"),
+    "grad3": ("gradient-based (3)", "C3"),
+    "fa3": ("FA + F⁰ (3)", "C2"),
+    "flp1p": ("feature reuse (1)", "C7"),
+}
 
 
 def load(name):
@@ -46,13 +52,15 @@ for row, order in enumerate(("continual", "iid")):
                 cos = np.array(r["update_cos"]["per_step"][layer], dtype=float)
                 ax.plot(cos, lw=0.8, label=RUNS[key][0], color=RUNS[key][1])
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_title(f"{order}, W_{layer},{layer + 1}", fontsize=9)
+        ax.set_title(f"{order}, W_{layer},{layer + 1}", fontsize=9)  # noqa: E501
         if col == 0:
             ax.set_ylabel("cos(ΔW, −∇L)")
         if row == 1:
             ax.set_xlabel("step (batch of 32)")
 axes[0, 0].legend(fontsize=7)
-fig.suptitle("Fig. 2C analogue: update-gradient cosine over the stream (meta-test, mean of episodes and networks)")
+fig.suptitle(
+    "Fig. 2C analogue: update-gradient cosine over the stream (meta-test, mean of episodes and networks)"
+)
 fig.tight_layout()
 fig.savefig(out / "update_gradient_cosine.png", dpi=110)
 
@@ -70,7 +78,7 @@ for ax, order in zip(axes, ("iid", "continual")):
         med = np.nanmedian(loss, 1)
         k = 10
         smooth = np.convolve(np.nan_to_num(med, nan=np.nanmedian(med)), np.ones(k) / k, mode="valid")
-        ax.plot(eps[k - 1:], smooth, label=label, color=color)
+        ax.plot(eps[k - 1 :], smooth, label=label, color=color)
     ax.axhline(4.3, color="k", lw=0.6, ls="--", label="predicting 0")
     ax.set_yscale("log")
     ax.set_title(f"meta-training, {order}: median over networks, 10-episode mean", fontsize=9)
