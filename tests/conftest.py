@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -23,6 +24,23 @@ TINY = [
     "trainer.accelerator=cpu",
     "trainer.progress_bar=false",
 ]
+
+
+def fit(module, run_dir, episodes, callbacks=()):
+    """Meta-train ``module`` for ``episodes`` on the CPU with no logger, checkpoint or bar."""
+    trainer = L.Trainer(
+        max_steps=episodes,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module)
+    return trainer
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fit
 from core_helpers import learner_for
 from metaplast import reference
 from metaplast.core.learner import State
@@ -278,18 +279,7 @@ def spiked_run(make_cfg, run_dir, *overrides, factor=1e12):
     cfg = make_cfg("rule=ehebb", "meta.trials=3", *overrides)
     module = build_module(cfg, run_dir)
     spike = SpikeAt(episode=2, factor=factor)
-    trainer = L.Trainer(
-        max_steps=4,
-        max_epochs=-1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[spike],
-        default_root_dir=str(run_dir),
-    )
-    trainer.fit(module)
+    trainer = fit(module, run_dir, 4, [spike])
     with open(run_dir / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     return module, trainer, spike, rows

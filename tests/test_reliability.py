@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import CONF, TINY, run_cli
+from conftest import CONF, TINY, fit, run_cli
 from metaplast import safety
 from metaplast.data import DataError, generate_glyphs, load_dataset, read_idx, write_idx
 from metaplast.data.glyphs import glyphs_cache_path
@@ -30,21 +30,6 @@ HUGE = 1e30  # θ of the e e^T term (ehebb): the weights overflow float32 within
 def read_csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def fit(module, run_dir, episodes):
-    trainer = L.Trainer(
-        max_steps=episodes,
-        max_epochs=-1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(run_dir),
-    )
-    trainer.fit(module)
-    return trainer
 
 
 def three_trials(make_cfg, run_dir, huge=None, max_diverged=10):
@@ -115,18 +100,7 @@ def test_a_diverged_trial_steps_back_towards_its_last_finite_theta(make_cfg, tmp
     """Θ ← Θ_a + ρ (Θ - Θ_a) with Θ_a the Θ of the last finite episode; Adam's first moment × ρ."""
     module = three_trials(make_cfg, tmp_path / "run")
     blow_up = BlowUpAt(episode=2, value=HUGE)
-    trainer = L.Trainer(
-        max_steps=3,
-        max_epochs=-1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[blow_up],
-        default_root_dir=str(tmp_path / "run"),
-    )
-    trainer.fit(module)
+    trainer = fit(module, tmp_path / "run", 3, [blow_up])
     anchor, diverged = blow_up.last[1], blow_up.current[1]  # Θ of episode 1 (finite) and 2 (not)
     assert diverged[module.rule.terms.index(2)] == HUGE
     torch.testing.assert_close(module.theta.detach()[1], anchor + 0.5 * (diverged - anchor))

@@ -215,7 +215,7 @@ class MetaPlasticity(L.LightningModule):
         # Divergence: non-finite activations show in the weights, the loss or the metrics.
         finite = loss.detach().isfinite()
         for value in [*adapted.weights, *adapted.feedback, *metrics.values()]:
-            finite &= value.detach().reshape(len(finite), -1).isfinite().all(1)
+            finite &= finite_rows(value, len(finite))
         self._episode = (self.global_step, record, finite)  # logged in on_train_batch_end
         self._task = (state.detach(), x_train, y_train)  # for a diverged or spiking trial's surrogate
         return torch.where(finite, loss, torch.zeros_like(loss)).sum()
@@ -231,6 +231,12 @@ class MetaPlasticity(L.LightningModule):
                 if with_grad and theta.grad is not None:
                     theta.grad.div_(scale)
 
+    def _step_scale(self, p: torch.Tensor) -> torch.Tensor | None:
+        """s of Adam's φ = s θ for a Θ parameter under ``rule.term_scale``; None otherwise."""
+        if self.term_scale is None or not any(p is t for t in self.meta.groups()["theta"]):
+            return None
+        return self.term_scale
+
     def on_before_optimizer_step(self, optimizer):
         """Called after the backward pass: hand Adam ``φ = s θ`` and ``dL/dφ = dL/dθ / s``, and
         give each diverged or spiking trial its surrogate gradient (:meth:`optimizer_step`)."""
@@ -238,9 +244,9 @@ class MetaPlasticity(L.LightningModule):
         params = list(self.meta.parameters())
         record["meta/grad_norm"] = meta_gradient_norm(params, len(finite))
         for p in params:
-            finite = finite & p.detach().reshape(len(finite), -1).isfinite().all(1)
+            finite = finite & finite_rows(p, len(finite))
             if p.grad is not None:
-                finite &= p.grad.reshape(len(finite), -1).isfinite().all(1)
+                finite &= finite_rows(p.grad, len(finite))
         state = getattr(optimizer, "optimizer", optimizer).state
         b2 = optimizer.param_groups[0]["betas"][1]
         spiking = torch.zeros_like(finite)
@@ -255,11 +261,10 @@ class MetaPlasticity(L.LightningModule):
             clip_spikes(params, state, b2, self.cfg.meta.spike_clip)
         if growths is None:
             return
-        thetas = self.meta.groups()["theta"]
         with torch.no_grad():
             for p, anchor, growth in zip(params, self.anchor, growths):
-                if self.term_scale is not None and any(p is t for t in thetas):
-                    scale = self.term_scale.to(p)
+                if (scale := self._step_scale(p)) is not None:
+                    scale = scale.to(p)
                     anchor, growth = anchor.to(p) * scale, growth / scale  # into Adam's φ = s θ
                 toward_anchor = torch.sign(p - anchor.to(p))  # when the growth says nothing
                 direction = torch.where(
@@ -295,15 +300,14 @@ class MetaPlasticity(L.LightningModule):
         grows from ~1e3 to 1e10..1e14 within a few episodes, measured on FashionMNIST)."""
         trials = len(self.trial_ids)
         square, reference = torch.zeros(trials, dtype=torch.float64), torch.zeros(trials, dtype=torch.float64)
-        thetas = self.meta.groups()["theta"]
         for p in params:
             moments = state.get(p, {})
             if p.grad is None or "exp_avg_sq" not in moments or int(moments["step"]) == 0:
                 continue
             grad = p.grad.detach().double()
-            if self.term_scale is not None and any(p is t for t in thetas):
-                grad = grad / self.term_scale.to(grad)  # dL/dφ, φ = s θ
-            square += grad.reshape(trials, -1).pow(2).sum(1).cpu()
+            if (scale := self._step_scale(p)) is not None:
+                grad = grad / scale.to(grad)  # dL/dφ, φ = s θ
+            square += sum_squares_rows(grad, trials)
             reference += adam_v_hat(moments, b2).double().reshape(trials, -1).sum(1).cpu()
         spiking = (reference > 0) & (square > kappa**2 * reference)
         return spiking.to(params[0].device)
@@ -725,7 +729,7 @@ def undo_nonfinite_steps(params, values, state, moments, trials: int) -> None:
     for p in params:
         rows = [p, *(v for k, v in state.get(p, {}).items() if k != "step")]
         for t in rows:
-            bad |= ~t.detach().reshape(trials, -1).isfinite().all(1)
+            bad |= ~finite_rows(t, trials)
     if not bad.any():
         return
     for p, value, before in zip(params, values, moments):
@@ -742,8 +746,18 @@ def meta_gradient_norm(params, trials: int) -> torch.Tensor:
     squares = torch.zeros(trials, dtype=torch.float64)
     for p in params:
         if p.grad is not None:
-            squares += p.grad.detach().double().reshape(trials, -1).pow(2).sum(1).cpu()
+            squares += sum_squares_rows(p.grad, trials)
     return squares.sqrt()
+
+
+def sum_squares_rows(t: torch.Tensor, trials: int) -> torch.Tensor:
+    """Σ t² over each trial's row (the leading axis), in float64 on the CPU."""
+    return t.detach().double().reshape(trials, -1).pow(2).sum(1).cpu()
+
+
+def finite_rows(t: torch.Tensor, trials: int) -> torch.Tensor:
+    """Per trial (the leading axis): whether all of its entries of ``t`` are finite."""
+    return t.detach().reshape(trials, -1).isfinite().all(1)
 
 
 def adam_v_hat(moments: dict, b2: float) -> torch.Tensor:
