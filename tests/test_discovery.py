@@ -323,6 +323,29 @@ def test_spike_limit_steps_a_spiking_trial_back_keeps_its_results_and_spares_ada
         validate(make_cfg("rule=pool", "meta.spike_limit=0.5"))
 
 
+def test_restart_momentum_drops_a_spiking_trials_momentum_and_nothing_else(make_cfg, tmp_path):
+    """meta.restart_momentum: at the spike, the trial's Adam momentum m restarts from 0, so after
+    the step m = (1 - β_1) g_s (g_s the surrogate, norm (Σ v̂)^½); the other trials and every
+    other episode are those of the run without it."""
+    base, base_trainer, _, base_rows = spiked_run(make_cfg, tmp_path / "keep", "meta.spike_limit=10")
+    module, trainer, spike, rows = spiked_run(
+        make_cfg, tmp_path / "restart", "meta.spike_limit=10", "meta.restart_momentum=true"
+    )
+    before, after = spike.adam_before, spike.adam_after
+    assert before["exp_avg"][1].abs().max() > 0
+    reference = (before["exp_avg_sq"][1] / (1 - 0.999 ** int(before["step"]))).sum().sqrt()
+    assert after["exp_avg"][1].norm().item() == pytest.approx(0.1 * reference.item(), rel=1e-4)
+    kept = base_trainer.optimizers[0].state[base.theta]["exp_avg"]
+    torch.testing.assert_close(
+        trainer.optimizers[0].state[module.theta]["exp_avg"][0::2], kept[0::2], rtol=0, atol=0
+    )
+    at = {(int(r["episode"]), int(r["trial"])): r for r in rows}
+    base_at = {(int(r["episode"]), int(r["trial"])): r for r in base_rows}
+    assert all(at[e, t] == base_at[e, t] for e in range(4) for t in range(3))  # the spike steps back alike
+    assert not torch.equal(module.theta[1], base.theta[1])  # the next Adam step differs
+    torch.testing.assert_close(module.theta[0::2], base.theta[0::2], rtol=0, atol=0)
+
+
 def test_an_adam_step_that_overflows_a_trials_moments_is_undone_for_that_trial_only():
     """A gradient beyond the float range once made a trial's Θ NaN for the rest of a run: its
     Adam moments were inf, and m/√v = inf/inf. Now that trial's step is undone, the others'

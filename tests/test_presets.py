@@ -57,11 +57,14 @@ def test_train_preset_composes_with_the_papers_protocol(preset):
 
 def test_the_discovery_presets_limit_meta_gradient_spikes_and_null_restores_the_papers_adam():
     for preset in ("fig4", "s5"):
-        assert compose_with("config", f"+experiment={preset}").meta.spike_limit == 10
-        assert (
-            compose_with("config", f"+experiment={preset}", "meta.spike_limit=null").meta.spike_limit is None
-        )
-    assert compose_with("config", "rule=pool").meta.spike_limit is None  # the option's own default
+        meta = compose_with("config", f"+experiment={preset}").meta
+        assert (meta.spike_limit, meta.restart_momentum) == (10, True)
+        plain = compose_with(
+            "config", f"+experiment={preset}", "meta.spike_limit=null", "meta.restart_momentum=false"
+        ).meta
+        assert (plain.spike_limit, plain.restart_momentum) == (None, False)
+    meta = compose_with("config", "rule=pool").meta  # the options' own defaults
+    assert (meta.spike_limit, meta.restart_momentum) == (None, False)
 
 
 def test_sweeping_presets_list_the_papers_conditions():

@@ -140,6 +140,7 @@ class MetaConfig:
     backtrack: float = 0.5  # a diverged trial moves to Θ_a + backtrack (Θ - Θ_a), Θ_a: its last finite Θ
     spike_clip: float | None = None  # κ: clip each meta-gradient entry to ±κ √v̂ (Adam's RMS); null: plain
     spike_limit: float | None = None  # κ: ‖g‖ > κ × its RMS backtracks like a divergence; null: off
+    restart_momentum: bool = False  # a diverged or spiking trial's Adam momentum restarts (m ← 0)
     sampling: SamplingMode = SamplingMode.fresh  # fresh (metaplast) or authors (the authors' code)
     gradient: Estimator = Estimator.auto  # the meta-gradient: fused where it applies, else autograd
     truncate: int | None = None  # autograd: backpropagate through the last k inner steps only

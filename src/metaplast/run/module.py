@@ -271,6 +271,8 @@ class MetaPlasticity(L.LightningModule):
                     growth.abs().sum(tuple(range(1, p.dim())), keepdim=True) > 0, growth, toward_anchor
                 )
                 moments = state.get(p, {})
+                if self.cfg.meta.restart_momentum and "exp_avg" in moments:
+                    moments["exp_avg"][bad] = 0  # the momentum that carried it to the blow-up
                 rows = direction[bad].reshape(int(bad.sum()), -1)
                 rows = rows / rows.abs().amax(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
                 unit = rows / rows.pow(2).mean(1, keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
