@@ -330,6 +330,8 @@ class MetaPlasticity(L.LightningModule):
         diverged nor loses its progress, and consecutive divergences shrink the distance
         geometrically. With ``meta.spike_limit`` a finite episode whose meta-gradient spiked is
         handled the same way (its S over the whole episode; P_a: the last healthy episode's).
+        With ``meta.restart_momentum`` such a trial's Adam momentum restarts from 0 before the
+        surrogate enters it, so the momentum that carried it to the edge does not carry it back.
         A step that left a trial's P or Adam moments non-finite is undone for that trial.
         """
         params = list(self.meta.parameters())
