@@ -137,7 +137,7 @@ class MetaConfig:
     lr: float = 1e-3
     first_trial: int = 0
     max_diverged: int = 10  # consecutive diverged episodes of one trial that stop the run
-    backtrack: float = 0.5  # a diverged trial moves to Θ_a + backtrack (Θ - Θ_a), Θ_a: its last finite Θ
+    backtrack: float = 0.5  # a bad trial moves to Θ_a + backtrack (Θ - Θ_a), Θ_a: its last healthy Θ
     spike_clip: float | None = None  # κ: clip each meta-gradient entry to ±κ √v̂ (Adam's RMS); null: plain
     spike_limit: float | None = None  # κ: ‖g‖ > κ × its RMS backtracks like a divergence; null: off
     restart_momentum: bool = False  # a diverged or spiking trial's Adam momentum restarts (m ← 0)
