@@ -1,6 +1,7 @@
-"""The fused step's memory tricks keep it exact: the forward pass updates W in place only where
-W_t is not kept, the backward pass rebuilds W_t from the recorded factors into reused tensors,
-and neither touches the caller's weights (float64, against autograd)."""
+"""The fused step's speed tricks keep it exact: inside a recomputation segment W_t is the segment's
+first W plus the update factors since (decays folded in, turned dense again when the factors
+grow), the backward pass rebuilds them from the recorded factors, the no-grad loop updates W in
+place, and none touches the caller's weights (float64, against autograd)."""
 
 import gc
 

@@ -6,10 +6,11 @@ only the small vector part (forward pass, errors, the factors of the update) is 
 under autograd on the stored products with ``W_t`` (:class:`_Replay`, by name and layer);
 everything of the size of ``W`` is done here: ``dL/dW_t = (1 - decay) dL/dW_{t+1} + A^T C``
 in one batched product, where the rows of ``A, C`` are the factors recorded by
-:class:`_Product`. The forward pass records every step's products and update factors (vectors,
-small); with ``recompute_segment = k`` only every k-th ``W_t`` is kept, the others are rebuilt
-segment by segment from the recorded factors (one rank-k update each, into reused tensors: a
-fresh ``W``-sized tensor costs page faults) and updated in place in the forward pass.
+:class:`_Product`. Inside a recomputation segment of ``recompute_segment = k`` steps a weight is
+never rewritten: it is the dense ``W`` of the segment's first step plus the update factors since
+(:class:`_LowRank`), so a step costs the passes over ``W`` that its products need and no update
+pass, and the backward pass rebuilds a segment's ``W_t`` from the kept first one and the
+recorded factors (vectors) without touching ``W``. Only every k-th ``W_t`` is kept.
 """
 
 from __future__ import annotations
@@ -44,8 +45,74 @@ def unsupported(learner: Learner, state: State, meta, truncate: int | None) -> s
     return None
 
 
+class _LowRank:
+    """``W_t = scale ⊙ base + lefts^T rights``: a weight inside a recomputation segment, as the dense
+    ``base`` of an earlier step and the update factors of the steps since (their decays folded
+    into ``scale``, per trial ``(T, 1, 1)`` or per row ``(T, n, 1)``, and into ``lefts``). A product
+    with it is one pass over ``base`` plus the small factors, and a step adds factors instead of
+    rewriting ``W``; it turns dense again once the factors outgrow :data:`MAX_FACTOR_SHARE` of ``W``."""
+
+    def __init__(self, base: Tensor, scale=None, lefts=None, rights=None):
+        self.base, self.scale, self.lefts, self.rights = base, scale, lefts, rights
+
+    def updated(self, left, right, decay) -> _LowRank:
+        """``W_{t+1} = W_t (1 - decay) + left^T right`` (the factors of :func:`update_factors`)."""
+        scale, lefts, rights = self.scale, self.lefts, self.rights
+        if decay is not None:
+            keep = 1 - decay
+            scale = keep if scale is None else scale * keep
+            lefts = None if lefts is None else lefts * keep.transpose(1, 2)
+        if left is not None:
+            lefts = left if lefts is None else torch.cat([lefts, left], 1)
+            rights = right if rights is None else torch.cat([rights, right], 1)
+        result = _LowRank(self.base, scale, lefts, rights)
+        n, m = self.base.shape[-2:]
+        if lefts is not None and lefts.shape[1] * (n + m) > MAX_FACTOR_SHARE * n * m:
+            return _LowRank(result.dense())
+        return result
+
+    def dense(self) -> Tensor:
+        base = self.base if self.scale is None else self.base * self.scale
+        return base if self.lefts is None else torch.baddbmm(base, self.lefts.transpose(1, 2), self.rights)
+
+    def times(self, v: Tensor) -> Tensor:
+        """``v W_t`` (``v (T, B, n)``)."""
+        out = (v if self.scale is None else v * self.scale.transpose(1, 2)) @ self.base
+        return out if self.lefts is None else out.baddbmm(v @ self.lefts.transpose(1, 2), self.rights)
+
+    def times_transposed(self, v: Tensor) -> Tensor:
+        """``v W_t^T`` (``v (T, B, m)``)."""
+        out = v @ self.base.transpose(1, 2)
+        out = out if self.scale is None else out * self.scale.transpose(1, 2)
+        return out if self.lefts is None else out.baddbmm(v @ self.rights.transpose(1, 2), self.lefts)
+
+    def inner(self, grad: Tensor, per_row: bool) -> Tensor:
+        """``Σ G ⊙ W_t`` per trial ``(T, 1, 1)`` or per row ``(T, n, 1)``, no ``W``-sized temporary
+        where per trial."""
+        scale = self.scale
+        if per_row or (scale is not None and scale.shape[1] > 1):
+            base = (grad * self.base).sum(2, keepdim=True)
+        else:  # a dot product per trial
+            base = torch.stack([torch.dot(g.flatten(), w.flatten()) for g, w in zip(grad, self.base)])
+            base = base.view(-1, 1, 1)
+        base = base if scale is None else base * scale
+        if not per_row:
+            base = base.sum(1, keepdim=True)
+        if self.lefts is None:
+            return base
+        if per_row:
+            rows = (grad @ self.rights.transpose(1, 2)) * self.lefts.transpose(1, 2)
+            return base + rows.sum(2, keepdim=True)
+        return base + ((self.lefts @ grad) * self.rights).sum((1, 2)).view(-1, 1, 1)
+
+
+#: A :class:`_LowRank` weight turns dense once its factors hold this share of ``W``'s entries.
+MAX_FACTOR_SHARE = 0.25
+
+
 class _Recording(Products):
-    """Plain products that also keep their outputs, by ``(name, layer)``."""
+    """The products of one step with ``W_t`` given as :class:`_LowRank`; keeps the outputs by
+    ``(name, layer)``."""
 
     def __init__(self, weights):
         super().__init__(weights)
@@ -56,97 +123,97 @@ class _Recording(Products):
         return value
 
     def forward(self, index, y):
-        return self._keep(("forward", index), super().forward(index, y))
+        return self._keep(("forward", index), self.weights[index].times_transposed(y))
 
     def backward(self, index, e):
-        return self._keep(("backward", index), super().backward(index, e))
+        return self._keep(("backward", index), self.weights[index].times(e))
 
     def send(self, index, e, matrix):
         return self._keep(("send", index), super().send(index, e, matrix))
 
     def wt_y(self, index, y):
-        return self._keep(("wt_y", index), super().wt_y(index, y))
+        return self._keep(("wt_y", index), self.weights[index].times(y))
+
+    def weight(self, index):
+        return self.weights[index].dense()
 
 
 class _Product(torch.autograd.Function):
-    """``v M`` (its value given: ``out``, stored in the forward pass) whose backward passes
-    ``grad M^T`` to ``v`` and, when ``M`` is ``W^T`` or ``W``, *records* the rank-``B``
-    factors of the gradient to ``W`` in ``sink`` instead of building it; the ``anchor``
-    (a scalar that requires grad) makes autograd visit the node."""
+    """A product ``v M`` (its value given: ``out``, stored in the forward pass) whose backward
+    passes ``grad M^T`` (``times_transposed``) to ``v`` and, when ``M`` is ``W^T`` or ``W``,
+    *records* the rank-``B`` factors of the gradient to ``W`` in ``sink`` instead of building it;
+    the ``anchor`` (a scalar that requires grad) makes autograd visit the node."""
 
     @staticmethod
-    def forward(ctx, v, matrix, anchor, out, sink, transposed):
-        ctx.save_for_backward(v, matrix)
-        ctx.sink, ctx.transposed = sink, transposed
+    def forward(ctx, v, times_transposed, anchor, out, sink, transposed):
+        ctx.save_for_backward(v)
+        ctx.times_transposed, ctx.sink, ctx.transposed = times_transposed, sink, transposed
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        v, matrix = ctx.saved_tensors
+        (v,) = ctx.saved_tensors
         if ctx.sink is not None:  # M = W^T: dW = grad^T v;  M = W: dW = v^T grad
             # detached: v carries its graph, and a graph node reached from its own ctx is a
             # reference cycle through C++ that Python's collector never frees (a leak per step)
             grad, v_factor = grad.detach(), v.detach()
             ctx.sink.append((grad, v_factor) if ctx.transposed else (v_factor, grad))
-        grad_v = grad @ matrix.transpose(-1, -2) if ctx.needs_input_grad[0] else None  # not for x
+        grad_v = ctx.times_transposed(grad) if ctx.needs_input_grad[0] else None  # not for x
         return grad_v, None, torch.zeros((), dtype=grad.dtype, device=grad.device), None, None, None
 
 
 class _Replay(Products):
     """The stored products of one step, differentiable in their vector argument; the
-    gradient to ``W_i`` is recorded as factors in ``sinks[i]``."""
+    gradient to ``W_i`` (a :class:`_LowRank`) is recorded as factors in ``sinks[i]``."""
 
     def __init__(self, weights, outputs, anchors, sinks):
         super().__init__(weights)
         self.outputs, self.anchors, self.sinks = outputs, anchors, sinks
 
-    def _product(self, name, index, v, matrix, transposed):
-        sink = None if transposed is None else self.sinks[index]
-        return _Product.apply(v, matrix, self.anchors[index], self.outputs[name, index], sink, transposed)
+    def _product(self, name, index, v, times_transposed, sink, transposed=None):
+        out = self.outputs[name, index]
+        return _Product.apply(v, times_transposed, self.anchors[index], out, sink, transposed)
 
-    def forward(self, index, y):
-        return self._product("forward", index, y, self.weights[index].transpose(-1, -2), True)
+    def forward(self, index, y):  # y W^T
+        return self._product("forward", index, y, self.weights[index].times, self.sinks[index], True)
 
-    def backward(self, index, e):
-        return self._product("backward", index, e, self.weights[index], False)
+    def backward(self, index, e):  # e W
+        return self._product("backward", index, e, self.weights[index].times_transposed, self.sinks[index])
 
-    def send(self, index, e, matrix):
-        return self._product("send", index, e, matrix.transpose(-1, -2), None)
+    def send(self, index, e, matrix):  # e B^T
+        return self._product("send", index, e, lambda grad: grad @ matrix, None)
 
-    def wt_y(self, index, y):
-        return self._product("wt_y", index, y, self.weights[index], False)
+    def wt_y(self, index, y):  # y W
+        return self._product("wt_y", index, y, self.weights[index].times_transposed, self.sinks[index])
+
+    def weight(self, index):
+        return self.weights[index].dense()
 
 
 def _chunk(tensor: Tensor, step: int, batch: int) -> Tensor:
     return tensor[:, step * batch : (step + 1) * batch]
 
 
-def _unrolled(learner, theta, state, x_train, y_train, batch, steps, keep=(), record=False):
-    """``steps`` steps as plain tensor code (outside autograd): the adapted state, ``{t: W_t}`` for
-    the steps in ``keep`` and, with ``record``, ``{t: (products, factors)}`` of every step.
-
-    ``W_{t+1}`` is a new tensor where ``W_t`` is kept or is the given state's; elsewhere ``W_t``
-    is updated in place."""
+def _unrolled(learner, theta, state, x_train, y_train, batch, steps):
+    """``steps`` steps as plain tensor code (outside autograd): the adapted state. ``W`` is a new
+    tensor after the first step (never the caller's) and updated in place after that."""
     coefficients = learner.layer_coefficients(theta)
-    kept, records = {}, {}
     for step in range(steps):
-        products = _Recording(state.weights) if record else Products(state.weights)
-        factors, _, _ = learner.step_factors(
-            state,
-            {"theta": theta},
-            coefficients,
-            _chunk(x_train, step, batch),
-            _chunk(y_train, step, batch),
-            products,
-        )
-        if step in keep:
-            kept[step] = state.weights
-        if record:
-            records[step] = (products.outputs, factors)
-        fresh = step == 0 or step in keep
-        weights = [apply_update(w, *f, out=None if fresh else w) for w, f in zip(state.weights, factors)]
+        products = Products(state.weights)
+        x, y = _chunk(x_train, step, batch), _chunk(y_train, step, batch)
+        factors, _, _ = learner.step_factors(state, {"theta": theta}, coefficients, x, y, products)
+        weights = [apply_update(w, *f, out=None if step == 0 else w) for w, f in zip(state.weights, factors)]
         state = State(weights, state.feedback, state.biases)
-    return state, kept, records
+    return state
+
+
+def _segment_weights(kept, records, start, stop):
+    """``[W_start, ..., W_{stop-1}]`` as :class:`_LowRank` from the kept ``W_start`` and the
+    recorded factors: the same values as in the forward pass."""
+    weights = [[_LowRank(w) for w in kept]]
+    for step in range(start, stop - 1):
+        weights.append([w.updated(*f) for w, f in zip(weights[-1], records[step][1])])
+    return weights
 
 
 class _InnerLoop(torch.autograd.Function):
@@ -155,25 +222,34 @@ class _InnerLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, theta, x_train, y_train, *tensors):
         learner, batch, segment, depth, n_feedback = spec
-        state = State(
-            list(tensors[:depth]),
-            list(tensors[depth : depth + n_feedback]),
-            list(tensors[depth + n_feedback :]),
-        )
+        feedback = list(tensors[depth : depth + n_feedback])
+        biases = list(tensors[depth + n_feedback :])
         steps = math.ceil(x_train.shape[1] / batch)
-        keep = set(range(0, steps, segment) if segment else range(steps))
-        adapted, kept, records = _unrolled(learner, theta, state, x_train, y_train, batch, steps, keep, True)
-        ctx.spec, ctx.kept, ctx.records, ctx.steps = spec, kept, records, steps
-        ctx.save_for_backward(theta, x_train, y_train, *state.feedback, *state.biases)
-        return tuple(adapted.weights)
+        segment = segment or 1  # 0: every W_t kept
+        coefficients = learner.layer_coefficients(theta)
+        dense, kept, records = list(tensors[:depth]), {}, {}
+        for start in range(0, steps, segment):
+            kept[start] = dense
+            weights = [_LowRank(w) for w in dense]
+            for step in range(start, min(start + segment, steps)):
+                products = _Recording(weights)
+                x, y = _chunk(x_train, step, batch), _chunk(y_train, step, batch)
+                state = State(weights, feedback, biases)
+                factors, _, _ = learner.step_factors(state, {"theta": theta}, coefficients, x, y, products)
+                records[step] = (products.outputs, factors)
+                weights = [w.updated(*f) for w, f in zip(weights, factors)]
+            dense = [w.dense() for w in weights]
+        ctx.spec, ctx.kept, ctx.records, ctx.steps, ctx.segment = spec, kept, records, steps, segment
+        ctx.save_for_backward(theta, x_train, y_train, *feedback, *biases)
+        return tuple(dense)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_adapted):
-        learner, batch, segment, depth, n_feedback = ctx.spec
+        learner, batch, _, depth, n_feedback = ctx.spec
         theta, x_train, y_train, *rest = ctx.saved_tensors
         feedback, biases = rest[:n_feedback], rest[n_feedback:]
-        steps = ctx.steps
+        steps, segment = ctx.steps, ctx.segment
         if steps and not ctx.kept:
             raise RuntimeError(
                 "the fused inner loop's backward runs once: it frees the stored W_t as it goes"
@@ -185,31 +261,17 @@ class _InnerLoop(torch.autograd.Function):
             coefficients = learner.layer_coefficients(leaf)
         grad_theta = torch.zeros_like(theta)
         grad_coefficients = [torch.zeros_like(c) for c in coefficients]
-        spare = [[] for _ in range(depth)]  # W-sized tensors free for reuse
-        for start in reversed(range(0, steps, segment or steps or 1)):
-            stop = min(start + segment, steps) if segment else steps
-            inside = {}
-            with torch.no_grad():  # W_start .. W_{stop-1}: kept, or rebuilt from the recorded factors
-                for step in range(start, stop):
-                    if step in ctx.kept:
-                        inside[step] = ctx.kept.pop(step)
-                        continue
-                    _, factors = ctx.records[step - 1]
-                    inside[step] = [
-                        apply_update(w, *f, out=free.pop() if free else None)
-                        for w, f, free in zip(inside[step - 1], factors, spare)
-                    ]
+        for start in reversed(range(0, steps, segment)):
+            stop = min(start + segment, steps)
+            inside = _segment_weights(ctx.kept.pop(start), ctx.records, start, stop)
             for step in reversed(range(start, stop)):
-                weights, (outputs, _) = inside.pop(step), ctx.records.pop(step)
+                weights, (outputs, _) = inside.pop(), ctx.records.pop(step)
                 x, y = _chunk(x_train, step, batch), _chunk(y_train, step, batch)
                 state = State(weights, feedback, biases)
                 direct, per_layer = _backward_step(learner, state, outputs, leaf, coefficients, grads, x, y)
                 grad_theta += direct
                 for total, grad in zip(grad_coefficients, per_layer):
                     total += grad
-                if segment and step:  # not W_0 (the caller's)
-                    for free, w in zip(spare, weights):
-                        free.append(w)
         with torch.enable_grad():
             pairs = [(c, g) for c, g in zip(coefficients, grad_coefficients) if c.requires_grad]
             if pairs:
@@ -229,10 +291,11 @@ class _InnerLoop(torch.autograd.Function):
 
 def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y):
     """Turn ``dL/dW_{t+1}`` (``grads``, in place) into ``dL/dW_t``; return this step's gradients
-    to ``theta`` (where used directly) and to each layer's ``coefficients`` (built from it)."""
+    to ``theta`` (where used directly) and to each layer's ``coefficients`` (built from it).
+    ``state.weights`` are :class:`_LowRank`."""
     with torch.enable_grad():
         leaves = [c.detach().requires_grad_() for c in coefficients]
-        anchors = [w.new_zeros((), requires_grad=True) for w in state.weights]
+        anchors = [w.base.new_zeros((), requires_grad=True) for w in state.weights]
         sinks = [[] for _ in state.weights]
         replay = _Replay(state.weights, outputs, anchors, sinks)
         factors, _, _ = learner.step_factors(state, {"theta": theta}, leaves, x, y, replay)
@@ -243,11 +306,7 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y):
                 grad_outputs += [right.detach() @ grad.transpose(1, 2), left.detach() @ grad]
             if decay is not None:  # W_{t+1} = W_t (1 - decay) + ..., decay (T, 1, 1) or per row (T, n, 1)
                 results.append(decay)
-                if decay.shape[1] == 1:  # -Σ G ⊙ W per trial: a dot product each (no W-sized temporary)
-                    dots = [torch.dot(g.flatten(), w.flatten()) for g, w in zip(grad, weight)]
-                    grad_outputs.append(-torch.stack(dots).view(decay.shape))
-                else:
-                    grad_outputs.append(-(grad * weight).sum(2, keepdim=True))
+                grad_outputs.append(-weight.inner(grad, per_row=decay.shape[1] > 1))
         grad_theta, *per_layer = torch.autograd.grad(
             results, [theta, *leaves, *anchors], grad_outputs, allow_unused=True
         )
@@ -284,7 +343,7 @@ def adapt(
     if not needs_grad:
         with torch.no_grad():
             steps = math.ceil(x_train.shape[1] / batch)
-            return _unrolled(learner, theta, state, x_train, y_train, batch, steps)[0]
+            return _unrolled(learner, theta, state, x_train, y_train, batch, steps)
     spec = (learner, batch, recompute_segment, len(state.weights), len(state.feedback))
     weights = _InnerLoop.apply(spec, theta, x_train, y_train, *state.weights, *state.feedback, *state.biases)
     return State(list(weights), state.feedback, state.biases)
