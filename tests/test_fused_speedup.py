@@ -4,6 +4,7 @@ grow), the backward pass rebuilds them from the recorded factors, the no-grad lo
 place, and none touches the caller's weights (float64, against autograd)."""
 
 import gc
+import shutil
 
 import pytest
 import torch
@@ -98,3 +99,49 @@ def test_fused_meta_gradient_frees_everything_it_recorded(rule):
     for _ in range(3):
         episode("fused", 4, rule, learn_init=False)
     assert live_tensors() == before
+
+
+def episode_compiled(backend, monkeypatch, rule="pool", segment=4):
+    from metaplast.core import fused
+
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", backend)
+    learner = learner_for("fa", SIZES, rule)
+    weights = init_weights(SIZES, generators(2))
+    feedback = learner.pathway.init_feedback(SIZES, generators(2, seed=7))
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, STEPS + 4, SIZES[0], generator=g)
+    y = torch.randint(0, SIZES[-1], (2, STEPS + 4), generator=g)
+    results = []
+    for estimator, compile in (("autograd", False), ("fused", True)):
+        theta = torch.full((2, len(learner.rule.terms)), 0.02).requires_grad_()
+        adapted = inner_loop(
+            learner,
+            State(weights, feedback),
+            {"theta": theta},
+            x[:, :STEPS],
+            y[:, :STEPS],
+            estimator,
+            recompute_segment=segment,
+            compile=compile,
+        )
+        loss = learner.query_loss(adapted, x[:, STEPS:], y[:, STEPS:]).sum()
+        results.append(([w.detach() for w in adapted.weights], torch.autograd.grad(loss, theta)[0]))
+    (w_auto, g_auto), (w_compiled, g_compiled) = results
+    assert max(relative(a, b) for a, b in zip(w_compiled, w_auto)) <= 1e-10
+    assert relative(g_compiled, g_auto) <= 1e-10
+    assert g_auto.abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("rule", ["pool", [3, 10]])
+def test_compiled_step_traces_to_the_same_meta_gradient(rule, monkeypatch):
+    """trainer.compile: the step functions traced by torch.compile (dynamo + AOT autograd, no
+    code generation) give autograd's numbers; a segment's factor count varies from step to step."""
+    torch._dynamo.reset()
+    episode_compiled("aot_eager", monkeypatch, rule)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_compiled_step_with_inductor_code_equals_autograd(monkeypatch):
+    """The same with the generated C++ of torch.compile's default backend (what trainer.compile runs)."""
+    torch._dynamo.reset()
+    episode_compiled("inductor", monkeypatch, "bio", segment=5)

@@ -121,7 +121,7 @@ def episode_flops(inputs, recompute_segment) -> int:
     return counter.get_total_flops()
 
 
-def run_metaplast(inputs, recompute_segment=0):
+def run_metaplast(inputs, recompute_segment=0, compile=False):
     """Adapted weights and meta-gradient dΣ_trials L_query/dΘ of all trials at once."""
     theta = inputs["theta"].clone().requires_grad_()
     learner = inputs["learner"]
@@ -134,6 +134,7 @@ def run_metaplast(inputs, recompute_segment=0):
         inputs["y"],
         "fused",
         recompute_segment=recompute_segment,
+        compile=compile,
     )
     (grad,) = torch.autograd.grad(learner.query_loss(adapted, inputs["xq"], inputs["yq"]).sum(), theta)
     return [w.detach() for w in adapted.weights], grad
@@ -184,10 +185,11 @@ def time_baseline(inputs, trials, device):
     return dict(results=results, s_per_trial=wall / trials, cpu_s_per_trial=cpu / trials)
 
 
-def compare(inputs, recompute_segment, baseline, device):
-    """Time metaplast on all trials (after a warm-up run) and compare it with ``baseline``."""
-    run_metaplast(inputs, recompute_segment)  # warm-up
-    (adapted, grad), wall, cpu = timed(lambda: run_metaplast(inputs, recompute_segment), device)
+def compare(inputs, recompute_segment, baseline, device, compile=False):
+    """Time metaplast on all trials (after a warm-up run, which compiles with ``compile``) and
+    compare it with ``baseline``."""
+    _, warm_up, _ = timed(lambda: run_metaplast(inputs, recompute_segment, compile), device)
+    (adapted, grad), wall, cpu = timed(lambda: run_metaplast(inputs, recompute_segment, compile), device)
     trials = inputs["theta"].shape[0]
     w_err = g_err = 0.0
     for t, (b_adapted, b_grad) in enumerate(baseline["results"]):
@@ -202,6 +204,7 @@ def compare(inputs, recompute_segment, baseline, device):
         speedup=baseline["s_per_trial"] / (wall / trials),
         cpu_speedup=baseline["cpu_s_per_trial"] / (cpu / trials),
         baseline_trials_timed=len(baseline["results"]),
+        warm_up_s=warm_up,
         weights_rel_err=w_err,
         grad_rel_err=g_err,
     )
@@ -219,7 +222,7 @@ def probe(config: dict) -> dict:
     if config["which"] == "baseline":
         run_baseline(inputs, 0)
     else:
-        run_metaplast(inputs, config["recompute_segment"])
+        run_metaplast(inputs, config["recompute_segment"], config.get("compile", False))
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -309,18 +312,19 @@ def benchmark(args) -> list[dict]:
             )
             if not args.memory_only:
                 baseline = time_baseline(inputs, min(args.baseline_trials, trials), args.device)
-            for segment in args.recompute:
-                row = dict(base, trials=trials, recompute_segment=segment)
+            for segment, compile in [(s, c) for s in args.recompute for c in args.compile]:
+                row = dict(base, trials=trials, recompute_segment=segment, compile=bool(compile))
                 if args.memory_only:
                     row.update(s_per_trial=nan, baseline_s_per_trial=nan, speedup=nan, cpu_speedup=nan)
                     row.update(weights_rel_err=0.0, grad_rel_err=0.0)
                 else:
-                    row.update(compare(inputs, segment, baseline, args.device))
+                    row.update(compare(inputs, segment, baseline, args.device, bool(compile)))
                     add_rates(row, inputs, segment, peaks)
                     row.update(peaks)
                 if not args.no_memory:
                     memory = peak_memory(
                         {**base, "trials": trials, "which": "metaplast", "recompute_segment": segment}
+                        | {"compile": bool(compile)}
                     )
                     row.update(
                         peak_mib=memory["peak_mib"],
@@ -333,22 +337,22 @@ def benchmark(args) -> list[dict]:
                 rows.append(row)
                 print(format_row(row), flush=True)
                 if args.profile:
-                    print(profile_table(inputs, segment, args.profile), flush=True)
+                    print(profile_table(inputs, segment, args.profile, bool(compile)), flush=True)
     return rows
 
 
-def profile_table(inputs, recompute_segment, rows):
+def profile_table(inputs, recompute_segment, rows, compile=False):
     """torch.profiler's table of one metaplast episode: the ``rows`` operators with most own time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        run_metaplast(inputs, recompute_segment)
+        run_metaplast(inputs, recompute_segment, compile)
     averages = prof.key_averages(group_by_input_shape=True)
     return averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=24)
 
 
 HEADER = (
-    f"{'rule':<6}{'trials':>7}{'recomp':>7}{'s/trial':>9}{'base s/trial':>13}{'ratio':>7}"
+    f"{'rule':<6}{'trials':>7}{'recomp':>7}{'comp':>5}{'s/trial':>9}{'base s/trial':>13}{'ratio':>7}"
     f"{'cpu ratio':>10}{'peak MiB':>10}{'episode MiB':>12}{'base peak':>10}{'max rel err':>12}"
     f"{'GFLOP/s':>9}{'%GEMM':>7}{'GB/s 1-pass':>12}{'%copy':>7}"
 )
@@ -361,7 +365,8 @@ def format_row(row: dict) -> str:
         else f"{'-':>10}{'-':>12}{'-':>10}"
     )
     return (
-        f"{row['rule']:<6}{row['trials']:>7}{row['recompute_segment']:>7}{row['s_per_trial']:>9.3f}"
+        f"{row['rule']:<6}{row['trials']:>7}{row['recompute_segment']:>7}"
+        f"{'yes' if row.get('compile') else 'no':>5}{row['s_per_trial']:>9.3f}"
         f"{row['baseline_s_per_trial']:>13.3f}{row['speedup']:>7.1f}{row['cpu_speedup']:>10.1f}"
         f"{memory}{max(row['weights_rel_err'], row['grad_rel_err']):>12.1e}"
         f"{row.get('gflop_s', nan):>9.2f}{100 * row.get('flop_fraction', nan):>7.1f}"
@@ -457,6 +462,14 @@ def parse_args(argv=None):
         nargs="+",
         default=[0, 16],
         help="inner steps per recomputation segment (0: none)",
+    )
+    parser.add_argument(
+        "--compile",
+        type=int,
+        nargs="+",
+        choices=[0, 1],
+        default=[0],
+        help="1: the step under torch.compile (trainer.compile); '0 1' times both",
     )
     parser.add_argument("--baseline-trials", type=int, default=1, help="baseline trials timed (one by one)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")

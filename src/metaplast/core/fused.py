@@ -15,6 +15,7 @@ recorded factors (vectors) without touching ``W``. Only every k-th ``W_t`` is ke
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,7 +51,7 @@ class _LowRank:
     ``base`` of an earlier step and the update factors of the steps since (their decays folded
     into ``scale``, per trial ``(T, 1, 1)`` or per row ``(T, n, 1)``, and into ``lefts``). A product
     with it is one pass over ``base`` plus the small factors, and a step adds factors instead of
-    rewriting ``W``; it turns dense again once the factors outgrow :data:`MAX_FACTOR_SHARE` of ``W``."""
+    rewriting ``W``."""
 
     def __init__(self, base: Tensor, scale=None, lefts=None, rights=None):
         self.base, self.scale, self.lefts, self.rights = base, scale, lefts, rights
@@ -65,11 +66,7 @@ class _LowRank:
         if left is not None:
             lefts = left if lefts is None else torch.cat([lefts, left], 1)
             rights = right if rights is None else torch.cat([rights, right], 1)
-        result = _LowRank(self.base, scale, lefts, rights)
-        n, m = self.base.shape[-2:]
-        if lefts is not None and lefts.shape[1] * (n + m) > MAX_FACTOR_SHARE * n * m:
-            return _LowRank(result.dense())
-        return result
+        return _LowRank(self.base, scale, lefts, rights)
 
     def dense(self) -> Tensor:
         base = self.base if self.scale is None else self.base * self.scale
@@ -86,9 +83,9 @@ class _LowRank:
         out = out if self.scale is None else out * self.scale.transpose(1, 2)
         return out if self.lefts is None else out.baddbmm(v @ self.rights.transpose(1, 2), self.lefts)
 
-    def inner(self, grad: Tensor, per_row: bool) -> Tensor:
+    def inner(self, grad: Tensor, per_row: bool, lefts_grad: Tensor | None = None) -> Tensor:
         """``Σ G ⊙ W_t`` per trial ``(T, 1, 1)`` or per row ``(T, n, 1)``, no ``W``-sized temporary
-        where per trial."""
+        where per trial (``lefts_grad``: ``lefts G`` if already computed)."""
         scale = self.scale
         if per_row or (scale is not None and scale.shape[1] > 1):
             base = (grad * self.base).sum(2, keepdim=True)
@@ -103,11 +100,8 @@ class _LowRank:
         if per_row:
             rows = (grad @ self.rights.transpose(1, 2)) * self.lefts.transpose(1, 2)
             return base + rows.sum(2, keepdim=True)
-        return base + ((self.lefts @ grad) * self.rights).sum((1, 2)).view(-1, 1, 1)
-
-
-#: A :class:`_LowRank` weight turns dense once its factors hold this share of ``W``'s entries.
-MAX_FACTOR_SHARE = 0.25
+        lefts_grad = self.lefts @ grad if lefts_grad is None else lefts_grad
+        return base + (lefts_grad * self.rights).sum((1, 2)).view(-1, 1, 1)
 
 
 class _Recording(Products):
@@ -138,53 +132,52 @@ class _Recording(Products):
         return self.weights[index].dense()
 
 
-class _Product(torch.autograd.Function):
-    """A product ``v M`` (its value given: ``out``, stored in the forward pass) whose backward
-    passes ``grad M^T`` (``times_transposed``) to ``v`` and, when ``M`` is ``W^T`` or ``W``,
-    *records* the rank-``B`` factors of the gradient to ``W`` in ``sink`` instead of building it;
-    the ``anchor`` (a scalar that requires grad) makes autograd visit the node."""
+class _Linked(torch.autograd.Function):
+    """A stored product ``out = v M`` (``M`` one of ``W_t^T``, ``W_t``, a feedback matrix) linked to
+    its vector ``v`` without recomputing it: the gradient passes to ``out`` unchanged (``out`` is a
+    leaf; its gradient and ``v`` are the rank-``B`` factors of ``dL/dW``) and to ``v`` as
+    ``grad M^T``. ``M`` is the :class:`_LowRank` ``(base, scale, lefts, rights)``; ``transposed``:
+    ``M = base^T`` (``out = v W^T``)."""
 
     @staticmethod
-    def forward(ctx, v, times_transposed, anchor, out, sink, transposed):
-        ctx.save_for_backward(v)
-        ctx.times_transposed, ctx.sink, ctx.transposed = times_transposed, sink, transposed
-        return out
+    def forward(ctx, v, out, base, scale, lefts, rights, transposed):
+        ctx.save_for_backward(base, scale, lefts, rights)
+        ctx.transposed = transposed
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        (v,) = ctx.saved_tensors
-        if ctx.sink is not None:  # M = W^T: dW = grad^T v;  M = W: dW = v^T grad
-            # detached: v carries its graph, and a graph node reached from its own ctx is a
-            # reference cycle through C++ that Python's collector never frees (a leak per step)
-            grad, v_factor = grad.detach(), v.detach()
-            ctx.sink.append((grad, v_factor) if ctx.transposed else (v_factor, grad))
-        grad_v = ctx.times_transposed(grad) if ctx.needs_input_grad[0] else None  # not for x
-        return grad_v, None, torch.zeros((), dtype=grad.dtype, device=grad.device), None, None, None
+        weight = _LowRank(*ctx.saved_tensors)
+        grad_v = None
+        if ctx.needs_input_grad[0]:  # not for x
+            grad_v = weight.times(grad) if ctx.transposed else weight.times_transposed(grad)
+        return grad_v, grad, None, None, None, None, None
 
 
 class _Replay(Products):
-    """The stored products of one step, differentiable in their vector argument; the
-    gradient to ``W_i`` (a :class:`_LowRank`) is recorded as factors in ``sinks[i]``."""
+    """The stored products of one step (``outputs``, leaves that require grad), linked to their
+    vector arguments (kept in ``vectors``) by :class:`_Linked`."""
 
-    def __init__(self, weights, outputs, anchors, sinks):
+    def __init__(self, weights, outputs):
         super().__init__(weights)
-        self.outputs, self.anchors, self.sinks = outputs, anchors, sinks
+        self.outputs, self.vectors = outputs, {}
 
-    def _product(self, name, index, v, times_transposed, sink, transposed=None):
+    def _linked(self, name, index, v, weight, transposed):
+        self.vectors[name, index] = v
         out = self.outputs[name, index]
-        return _Product.apply(v, times_transposed, self.anchors[index], out, sink, transposed)
+        return _Linked.apply(v, out, weight.base, weight.scale, weight.lefts, weight.rights, transposed)
 
     def forward(self, index, y):  # y W^T
-        return self._product("forward", index, y, self.weights[index].times, self.sinks[index], True)
+        return self._linked("forward", index, y, self.weights[index], True)
 
     def backward(self, index, e):  # e W
-        return self._product("backward", index, e, self.weights[index].times_transposed, self.sinks[index])
+        return self._linked("backward", index, e, self.weights[index], False)
 
     def send(self, index, e, matrix):  # e B^T
-        return self._product("send", index, e, lambda grad: grad @ matrix, None)
+        return self._linked("send", index, e, _LowRank(matrix), True)
 
     def wt_y(self, index, y):  # y W
-        return self._product("wt_y", index, y, self.weights[index].times_transposed, self.sinks[index])
+        return self._linked("wt_y", index, y, self.weights[index], False)
 
     def weight(self, index):
         return self.weights[index].dense()
@@ -192,6 +185,11 @@ class _Replay(Products):
 
 def _chunk(tensor: Tensor, step: int, batch: int) -> Tensor:
     return tensor[:, step * batch : (step + 1) * batch]
+
+
+def _step_data(x_train: Tensor, y_train: Tensor, step: int, batch: int) -> tuple[Tensor, Tensor]:
+    """One step's samples as fresh tensors: a compiled step would specialise on a view's offset."""
+    return _chunk(x_train, step, batch).clone(), _chunk(y_train, step, batch).clone()
 
 
 def _unrolled(learner, theta, state, x_train, y_train, batch, steps):
@@ -221,7 +219,7 @@ class _InnerLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, theta, x_train, y_train, *tensors):
-        learner, batch, segment, depth, n_feedback = spec
+        learner, batch, segment, depth, n_feedback, (record_step, _) = spec
         feedback = list(tensors[depth : depth + n_feedback])
         biases = list(tensors[depth + n_feedback :])
         steps = math.ceil(x_train.shape[1] / batch)
@@ -232,11 +230,9 @@ class _InnerLoop(torch.autograd.Function):
             kept[start] = dense
             weights = [_LowRank(w) for w in dense]
             for step in range(start, min(start + segment, steps)):
-                products = _Recording(weights)
-                x, y = _chunk(x_train, step, batch), _chunk(y_train, step, batch)
-                state = State(weights, feedback, biases)
-                factors, _, _ = learner.step_factors(state, {"theta": theta}, coefficients, x, y, products)
-                records[step] = (products.outputs, factors)
+                x, y = _step_data(x_train, y_train, step, batch)
+                outputs, factors = record_step(learner, weights, feedback, biases, theta, coefficients, x, y)
+                records[step] = (outputs, factors)
                 weights = [w.updated(*f) for w, f in zip(weights, factors)]
             dense = [w.dense() for w in weights]
         ctx.spec, ctx.kept, ctx.records, ctx.steps, ctx.segment = spec, kept, records, steps, segment
@@ -246,7 +242,7 @@ class _InnerLoop(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_adapted):
-        learner, batch, _, depth, n_feedback = ctx.spec
+        learner, batch, _, depth, n_feedback, (_, replay_step) = ctx.spec
         theta, x_train, y_train, *rest = ctx.saved_tensors
         feedback, biases = rest[:n_feedback], rest[n_feedback:]
         steps, segment = ctx.steps, ctx.segment
@@ -266,9 +262,11 @@ class _InnerLoop(torch.autograd.Function):
             inside = _segment_weights(ctx.kept.pop(start), ctx.records, start, stop)
             for step in reversed(range(start, stop)):
                 weights, (outputs, _) = inside.pop(), ctx.records.pop(step)
-                x, y = _chunk(x_train, step, batch), _chunk(y_train, step, batch)
+                x, y = _step_data(x_train, y_train, step, batch)
                 state = State(weights, feedback, biases)
-                direct, per_layer = _backward_step(learner, state, outputs, leaf, coefficients, grads, x, y)
+                direct, per_layer = _backward_step(
+                    learner, state, outputs, leaf, coefficients, grads, x, y, replay_step
+                )
                 grad_theta += direct
                 for total, grad in zip(grad_coefficients, per_layer):
                     total += grad
@@ -289,34 +287,78 @@ class _InnerLoop(torch.autograd.Function):
         )
 
 
-def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y):
+def _record_step(learner, weights, feedback, biases, theta, coefficients, x, y):
+    """One step's vector part with ``W_t`` as :class:`_LowRank` (outside autograd): its products by
+    ``(name, layer)`` and the update factors of every layer."""
+    products = _Recording(weights)
+    state = State(weights, feedback, biases)
+    factors, _, _ = learner.step_factors(state, {"theta": theta}, coefficients, x, y, products)
+    return products.outputs, factors
+
+
+def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y):
+    """The same step again under autograd on the stored ``outputs`` (leaves): the update factors
+    and the vector argument of every product."""
+    replay = _Replay(weights, outputs)
+    state = State(weights, feedback, biases)
+    factors, _, _ = learner.step_factors(state, {"theta": theta}, leaves, x, y, replay)
+    return factors, replay.vectors
+
+
+#: ``torch.compile``'s backend for ``trainer.compile`` (the tests trace with ``aot_eager``).
+COMPILE_BACKEND = "inductor"
+
+
+@functools.cache
+def compiled_steps(backend: str = COMPILE_BACKEND):
+    """:func:`_record_step` and :func:`_replay_step` under ``torch.compile`` (``trainer.compile``):
+    one compiled function each instead of hundreds of small operators per step. Two graphs each
+    (a segment's first step, whose weights have no factors yet, and the others, whose factor
+    count varies: a dynamic dimension), compiled once per process and trial count."""
+    return torch.compile(_record_step, backend=backend), torch.compile(_replay_step, backend=backend)
+
+
+def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y, replay_step):
     """Turn ``dL/dW_{t+1}`` (``grads``, in place) into ``dL/dW_t``; return this step's gradients
     to ``theta`` (where used directly) and to each layer's ``coefficients`` (built from it).
     ``state.weights`` are :class:`_LowRank`."""
     with torch.enable_grad():
         leaves = [c.detach().requires_grad_() for c in coefficients]
-        anchors = [w.base.new_zeros((), requires_grad=True) for w in state.weights]
-        sinks = [[] for _ in state.weights]
-        replay = _Replay(state.weights, outputs, anchors, sinks)
-        factors, _, _ = learner.step_factors(state, {"theta": theta}, leaves, x, y, replay)
+        outputs = {key: out.detach().requires_grad_() for key, out in outputs.items()}
+        factors, vectors = replay_step(
+            learner, state.weights, state.feedback, state.biases, theta, leaves, outputs, x, y
+        )
         results, grad_outputs = [], []
         for weight, grad, (left, right, decay) in zip(state.weights, grads, factors):
+            per_row, lefts_grad = decay is not None and decay.shape[1] > 1, None
             if left is not None:  # W_{t+1} = ... + left^T right
                 results += [left, right]
-                grad_outputs += [right.detach() @ grad.transpose(1, 2), left.detach() @ grad]
+                rows = left.detach()
+                if decay is not None and not per_row and weight.lefts is not None:  # one pass over G
+                    rows = torch.cat([rows, weight.lefts], 1)
+                left_grad = rows @ grad
+                left_grad, lefts_grad = left_grad[:, : left.shape[1]], left_grad[:, left.shape[1] :]
+                grad_outputs += [right.detach() @ grad.transpose(1, 2), left_grad]
             if decay is not None:  # W_{t+1} = W_t (1 - decay) + ..., decay (T, 1, 1) or per row (T, n, 1)
                 results.append(decay)
-                grad_outputs.append(-weight.inner(grad, per_row=decay.shape[1] > 1))
-        grad_theta, *per_layer = torch.autograd.grad(
-            results, [theta, *leaves, *anchors], grad_outputs, allow_unused=True
+                lefts_grad = lefts_grad if lefts_grad is not None and lefts_grad.shape[1] else None
+                grad_outputs.append(-weight.inner(grad, per_row, lefts_grad))
+        keys = [key for key in outputs if key[0] != "send"]
+        grad_theta, *rest = torch.autograd.grad(
+            results, [theta, *leaves, *(outputs[key] for key in keys)], grad_outputs, allow_unused=True
         )
+    per_layer, grad_products = rest[: len(leaves)], dict(zip(keys, rest[len(leaves) :]))
+    sinks = [[] for _ in grads]  # the rank-B factors of this step's dL/dW_t: out = v W^T or v W
+    for (name, index), grad in grad_products.items():
+        if grad is not None:
+            v = vectors[name, index].detach()
+            sinks[index].append((grad, v) if name == "forward" else (v, grad))
     for grad, sink, (_, _, decay) in zip(grads, sinks, factors):
         if decay is not None:
             grad.mul_(1 - decay.detach())
         if sink:
             lefts, rights = zip(*sink)
             grad.baddbmm_(torch.cat(lefts, 1).transpose(1, 2), torch.cat(rights, 1))
-            sink.clear()
     per_layer = [torch.zeros_like(c) if g is None else g for c, g in zip(coefficients, per_layer)]
     return (grad_theta if grad_theta is not None else torch.zeros_like(theta)), per_layer
 
@@ -329,9 +371,11 @@ def adapt(
     y_train: Tensor,
     batch: int = 1,
     recompute_segment: int = 16,
+    compile: bool = False,
 ) -> State:
     """:func:`metaplast.core.inner_loop.adapt` with the hand-scheduled backward (``recompute_segment``
-    steps per recomputation segment; 0 keeps every ``W_t``)."""
+    steps per recomputation segment; 0 keeps every ``W_t``); ``compile`` runs each step's vector
+    part compiled (:func:`compiled_steps`)."""
     if recompute_segment < 0:
         raise ValueError(
             f"recompute_segment={recompute_segment!r} is not allowed; allowed: 0 (keep every W) or k >= 1"
@@ -344,6 +388,7 @@ def adapt(
         with torch.no_grad():
             steps = math.ceil(x_train.shape[1] / batch)
             return _unrolled(learner, theta, state, x_train, y_train, batch, steps)
-    spec = (learner, batch, recompute_segment, len(state.weights), len(state.feedback))
+    step_functions = compiled_steps(COMPILE_BACKEND) if compile else (_record_step, _replay_step)
+    spec = (learner, batch, recompute_segment, len(state.weights), len(state.feedback), step_functions)
     weights = _InnerLoop.apply(spec, theta, x_train, y_train, *state.weights, *state.feedback, *state.biases)
     return State(list(weights), state.feedback, state.biases)

@@ -55,8 +55,10 @@ def inner_loop(
     batch: int = 1,
     truncate: int | None = None,
     recompute_segment: int = 16,
+    compile: bool = False,
 ) -> State:
-    """Adapt with the chosen meta-gradient estimator; both give the same numbers (tested to 1e-10)."""
+    """Adapt with the chosen meta-gradient estimator; both give the same numbers (tested to 1e-10).
+    ``compile`` compiles the fused estimator's step (``trainer.compile``)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"meta.gradient={estimator!r} is unknown; allowed: {', '.join(ESTIMATORS)}")
     why_not = fused.unsupported(learner, state, meta, truncate)
@@ -64,4 +66,4 @@ def inner_loop(
         raise ValueError(f"meta.gradient='fused' does not apply here ({why_not}); use autograd or auto")
     if estimator == "autograd" or why_not:
         return adapt(learner, state, meta, x_train, y_train, batch, truncate)
-    return fused.adapt(learner, state, meta, x_train, y_train, batch, recompute_segment)
+    return fused.adapt(learner, state, meta, x_train, y_train, batch, recompute_segment, compile)

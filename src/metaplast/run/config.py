@@ -167,6 +167,7 @@ class TrainerConfig:
     checkpoint_every: int = 50
     progress_bar: bool = True
     recompute_segment: int = 16  # fused: inner steps per recomputation segment; 0 keeps every W
+    compile: bool = False  # fused: torch.compile each step's vector part (compiles ~1 min first)
 
 
 @dataclass

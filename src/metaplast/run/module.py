@@ -208,6 +208,7 @@ class MetaPlasticity(L.LightningModule):
             cfg.meta.batch,
             cfg.meta.truncate,
             cfg.trainer.recompute_segment,
+            cfg.trainer.compile,
         )
         loss = self.learner.query_loss(adapted, x_query, y_query) + self.regularisation()
         metrics = episode_metrics(self.learner, adapted.detach(), x_query, y_query, meta)
