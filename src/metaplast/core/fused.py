@@ -5,8 +5,8 @@ float64), for the learners it covers (:func:`unsupported` names what it does not
 only the small vector part (forward pass, errors, the factors of the update) is replayed
 under autograd on the stored products with ``W_t`` (:class:`_Replay`, by name and layer);
 everything of the size of ``W`` is done here: ``dL/dW_t = (1 - decay) dL/dW_{t+1} + A^T C``
-in one batched product, where the rows of ``A, C`` are the factors recorded by
-:class:`_Product`. Inside a recomputation segment of ``recompute_segment = k`` steps a weight is
+in one batched product, where the rows of ``A, C`` are each stored product's gradient and its
+vector (:class:`_Linked`). Inside a recomputation segment of ``recompute_segment = k`` steps a weight is
 never rewritten: it is the dense ``W`` of the segment's first step plus the update factors since
 (:class:`_LowRank`), so a step costs the passes over ``W`` that its products need and no update
 pass, and the backward pass rebuilds a segment's ``W_t`` from the kept first one and the
@@ -330,18 +330,18 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y, re
         )
         results, grad_outputs = [], []
         for weight, grad, (left, right, decay) in zip(state.weights, grads, factors):
-            per_row, lefts_grad = decay is not None and decay.shape[1] > 1, None
+            per_row = decay is not None and decay.shape[1] > 1
+            # the decay's gradient needs lefts G (per trial): with this step's left G, one pass over G
+            merge = decay is not None and not per_row and left is not None and weight.lefts is not None
+            lefts_grad = None
             if left is not None:  # W_{t+1} = ... + left^T right
                 results += [left, right]
-                rows = left.detach()
-                if decay is not None and not per_row and weight.lefts is not None:  # one pass over G
-                    rows = torch.cat([rows, weight.lefts], 1)
-                left_grad = rows @ grad
-                left_grad, lefts_grad = left_grad[:, : left.shape[1]], left_grad[:, left.shape[1] :]
-                grad_outputs += [right.detach() @ grad.transpose(1, 2), left_grad]
+                rows = torch.cat([left.detach(), weight.lefts], 1) if merge else left.detach()
+                products, k = rows @ grad, left.shape[1]
+                grad_outputs += [right.detach() @ grad.transpose(1, 2), products[:, :k]]
+                lefts_grad = products[:, k:] if merge else None
             if decay is not None:  # W_{t+1} = W_t (1 - decay) + ..., decay (T, 1, 1) or per row (T, n, 1)
                 results.append(decay)
-                lefts_grad = lefts_grad if lefts_grad is not None and lefts_grad.shape[1] else None
                 grad_outputs.append(-weight.inner(grad, per_row, lefts_grad))
         keys = [key for key in outputs if key[0] != "send"]
         grad_theta, *rest = torch.autograd.grad(
