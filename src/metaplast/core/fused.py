@@ -51,10 +51,19 @@ class _LowRank:
     ``base`` of an earlier step and the update factors of the steps since (their decays folded
     into ``scale``, per trial ``(T, 1, 1)`` or per row ``(T, n, 1)``, and into ``lefts``). A product
     with it is one pass over ``base`` plus the small factors, and a step adds factors instead of
-    rewriting ``W``."""
+    rewriting ``W``. Anything else asked of it (``.detach()``, ``.sign()``, ``.shape``: a pathway
+    that reads the weight's entries, as sign feedback does) goes to the dense ``W_t``, built on
+    first use."""
 
     def __init__(self, base: Tensor, scale=None, lefts=None, rights=None):
         self.base, self.scale, self.lefts, self.rights = base, scale, lefts, rights
+
+    def __getattr__(self, name):  # only for names the class lacks: the dense W_t's tensor methods
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if "_dense" not in self.__dict__:
+            self._dense = self.dense()
+        return getattr(self._dense, name)
 
     def updated(self, left, right, decay) -> _LowRank:
         """``W_{t+1} = W_t (1 - decay) + left^T right`` (the factors of :func:`update_factors`)."""
@@ -128,9 +137,6 @@ class _Recording(Products):
     def wt_y(self, index, y):
         return self._keep(("wt_y", index), self.weights[index].times(y))
 
-    def weight(self, index):
-        return self.weights[index].dense()
-
 
 class _Linked(torch.autograd.Function):
     """A stored product ``out = v M`` (``M`` one of ``W_t^T``, ``W_t``, a feedback matrix) linked to
@@ -178,9 +184,6 @@ class _Replay(Products):
 
     def wt_y(self, index, y):  # y W
         return self._linked("wt_y", index, y, self.weights[index], False)
-
-    def weight(self, index):
-        return self.weights[index].dense()
 
 
 def _chunk(tensor: Tensor, step: int, batch: int) -> Tensor:

@@ -202,8 +202,7 @@ class Products:
     - ``forward(i, y)`` = ``y W_i^T`` (z of the layer above),
     - ``backward(i, e)`` = ``e W_i`` (BP's ``e B^T`` with ``B = W_i^T``, differentiable in W),
     - ``send(i, e, B)`` = ``e B^T`` for a matrix B that is not differentiated through W,
-    - ``wt_y(i, y)`` = ``y W_i`` (the ``W^T y_ℓ`` of F^6, F^7, F^9),
-    - ``weight(i)`` = ``W_i`` itself, for a pathway that needs its entries (sign feedback).
+    - ``wt_y(i, y)`` = ``y W_i`` (the ``W^T y_ℓ`` of F^6, F^7, F^9).
     """
 
     def __init__(self, weights: list[Tensor]):
@@ -220,6 +219,3 @@ class Products:
 
     def wt_y(self, index: int, y: Tensor) -> Tensor:
         return y @ self.weights[index]
-
-    def weight(self, index: int) -> Tensor:
-        return self.weights[index]

@@ -113,7 +113,7 @@ class Backprop(Pathway):
     def send(self, index, e, weights, feedback, products, exact, meta=None):
         if exact:
             return products.backward(index, e)
-        return products.send(index, e, products.weight(index).detach().transpose(-1, -2))
+        return products.send(index, e, weights[index].detach().transpose(-1, -2))
 
 
 class SignSymmetric(Pathway):
@@ -125,7 +125,7 @@ class SignSymmetric(Pathway):
     has_matrices = False
 
     def send(self, index, e, weights, feedback, products, exact, meta=None):
-        weight = products.weight(index).detach()
+        weight = weights[index].detach()
         scale = math.sqrt(6.0 / sum(weight.shape[-2:])) / 2
         return products.send(index, e, (weight.sign() * scale).transpose(-1, -2))
 
