@@ -153,3 +153,17 @@ def test_compiled_step_with_inductor_code_equals_autograd(monkeypatch):
     """The same with the generated C++ of torch.compile's default backend (what trainer.compile runs)."""
     torch._dynamo.reset()
     episode_compiled("inductor", monkeypatch, "bio", segment=5)
+
+
+def test_compile_where_the_fused_estimator_does_not_apply_warns_and_uses_autograd():
+    sizes = [6, 5, 3]
+    learner = learner_for("plastic", sizes)
+    weights = init_weights(sizes, generators(2))
+    state = State(weights, learner.pathway.init_feedback(sizes, generators(2)))
+    theta, psi = torch.full((2, 1), 0.1, requires_grad=True), torch.zeros(2, 2, requires_grad=True)
+    meta = {"theta": theta, "psi": psi}
+    x, y = torch.rand(2, 3, 6), torch.randint(0, 3, (2, 3))
+    with pytest.warns(UserWarning, match="compile applies to the fused estimator only.*PlasticFeedback"):
+        adapted = inner_loop(learner, state, meta, x, y, compile=True)
+    expected = inner_loop(learner, state, meta, x, y, "autograd")
+    assert all(torch.equal(a, b) for a, b in zip(adapted.weights, expected.weights))

@@ -9,6 +9,7 @@ with a hand-scheduled backward where it applies; :func:`inner_loop` picks one.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 from torch import Tensor
@@ -65,5 +66,9 @@ def inner_loop(
     if estimator == "fused" and why_not:
         raise ValueError(f"meta.gradient='fused' does not apply here ({why_not}); use autograd or auto")
     if estimator == "autograd" or why_not:
+        if compile:
+            reason = why_not or "meta.gradient=autograd"
+            message = f"trainer.compile applies to the fused estimator only, not used here ({reason})"
+            warnings.warn(message, stacklevel=2)
         return adapt(learner, state, meta, x_train, y_train, batch, truncate)
     return fused.adapt(learner, state, meta, x_train, y_train, batch, recompute_segment, compile)
