@@ -78,6 +78,7 @@ class _LowRank:
         return _LowRank(self.base, scale, lefts, rights)
 
     def dense(self) -> Tensor:
+        """``W_t`` as one tensor (a new one unless there is nothing to add to ``base``)."""
         base = self.base if self.scale is None else self.base * self.scale
         return base if self.lefts is None else torch.baddbmm(base, self.lefts.transpose(1, 2), self.rights)
 
