@@ -28,7 +28,7 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-def episode(estimator, segment, rule="pool", kind="fa", trials=2, learn_init=True):
+def episode(estimator, segment, rule="pool", kind="fa", trials=2, learn_init=True, compile=False):
     learner = learner_for(kind, SIZES, rule)
     weights = init_weights(SIZES, generators(trials))
     before = [w.clone() for w in weights]
@@ -47,6 +47,7 @@ def episode(estimator, segment, rule="pool", kind="fa", trials=2, learn_init=Tru
         y[:, :STEPS],
         estimator,
         recompute_segment=segment,
+        compile=compile,
     )
     loss = learner.query_loss(adapted, x[:, STEPS:], y[:, STEPS:]).sum()
     inputs = [theta, *leaves] if learn_init else [theta]
@@ -107,28 +108,8 @@ def episode_compiled(backend, monkeypatch, rule="pool", segment=4):
     from metaplast.core import fused
 
     monkeypatch.setattr(fused, "COMPILE_BACKEND", backend)
-    learner = learner_for("fa", SIZES, rule)
-    weights = init_weights(SIZES, generators(2))
-    feedback = learner.pathway.init_feedback(SIZES, generators(2, seed=7))
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(2, STEPS + 4, SIZES[0], generator=g)
-    y = torch.randint(0, SIZES[-1], (2, STEPS + 4), generator=g)
-    results = []
-    for estimator, compile in (("autograd", False), ("fused", True)):
-        theta = torch.full((2, len(learner.rule.terms)), 0.02).requires_grad_()
-        adapted = inner_loop(
-            learner,
-            State(weights, feedback),
-            {"theta": theta},
-            x[:, :STEPS],
-            y[:, :STEPS],
-            estimator,
-            recompute_segment=segment,
-            compile=compile,
-        )
-        loss = learner.query_loss(adapted, x[:, STEPS:], y[:, STEPS:]).sum()
-        results.append(([w.detach() for w in adapted.weights], torch.autograd.grad(loss, theta)[0]))
-    (w_auto, g_auto), (w_compiled, g_compiled) = results
+    w_auto, (g_auto,) = episode("autograd", segment, rule, learn_init=False)
+    w_compiled, (g_compiled,) = episode("fused", segment, rule, learn_init=False, compile=True)
     assert max(relative(a, b) for a, b in zip(w_compiled, w_auto)) <= 1e-10
     assert relative(g_compiled, g_auto) <= 1e-10
     assert g_auto.abs().max() > 1e-6

@@ -21,6 +21,7 @@ configuration; on CUDA it is ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -312,20 +313,18 @@ def benchmark(args) -> list[dict]:
             )
             if not args.memory_only:
                 baseline = time_baseline(inputs, min(args.baseline_trials, trials), args.device)
-            for segment, compile in [(s, c) for s in args.recompute for c in args.compile]:
-                row = dict(base, trials=trials, recompute_segment=segment, compile=bool(compile))
+            for segment, compile in itertools.product(args.recompute, map(bool, args.compile)):
+                row = dict(base, trials=trials, recompute_segment=segment, compile=compile)
                 if args.memory_only:
                     row.update(s_per_trial=nan, baseline_s_per_trial=nan, speedup=nan, cpu_speedup=nan)
                     row.update(weights_rel_err=0.0, grad_rel_err=0.0)
                 else:
-                    row.update(compare(inputs, segment, baseline, args.device, bool(compile)))
+                    row.update(compare(inputs, segment, baseline, args.device, compile))
                     add_rates(row, inputs, segment, peaks)
                     row.update(peaks)
                 if not args.no_memory:
-                    memory = peak_memory(
-                        {**base, "trials": trials, "which": "metaplast", "recompute_segment": segment}
-                        | {"compile": bool(compile)}
-                    )
+                    metaplast = {"which": "metaplast", "recompute_segment": segment, "compile": compile}
+                    memory = peak_memory({**base, "trials": trials, **metaplast})
                     row.update(
                         peak_mib=memory["peak_mib"],
                         episode_mib=memory["peak_mib"] - memory["before_mib"],
@@ -337,7 +336,7 @@ def benchmark(args) -> list[dict]:
                 rows.append(row)
                 print(format_row(row), flush=True)
                 if args.profile:
-                    print(profile_table(inputs, segment, args.profile, bool(compile)), flush=True)
+                    print(profile_table(inputs, segment, args.profile, compile), flush=True)
     return rows
 
 
