@@ -82,14 +82,18 @@ class _LowRank:
         base = self.base if self.scale is None else self.base * self.scale
         return base if self.lefts is None else torch.baddbmm(base, self.lefts.transpose(1, 2), self.rights)
 
-    def times(self, v: Tensor) -> Tensor:
-        """``v W_t`` (``v (T, B, n)``)."""
-        out = (v if self.scale is None else v * self.scale.transpose(1, 2)) @ self.base
+    def times(self, v: Tensor, base_product: Tensor | None = None) -> Tensor:
+        """``v W_t`` (``v (T, B, n)``); ``base_product``: ``v base`` if already computed (then the
+        scale must be per trial)."""
+        if base_product is None:
+            out = (v if self.scale is None else v * self.scale.transpose(1, 2)) @ self.base
+        else:
+            out = base_product if self.scale is None else base_product * self.scale
         return out if self.lefts is None else out.baddbmm(v @ self.lefts.transpose(1, 2), self.rights)
 
-    def times_transposed(self, v: Tensor) -> Tensor:
-        """``v W_t^T`` (``v (T, B, m)``)."""
-        out = v @ self.base.transpose(1, 2)
+    def times_transposed(self, v: Tensor, base_product: Tensor | None = None) -> Tensor:
+        """``v W_t^T`` (``v (T, B, m)``); ``base_product``: ``v base^T`` if already computed."""
+        out = v @ self.base.transpose(1, 2) if base_product is None else base_product
         out = out if self.scale is None else out * self.scale.transpose(1, 2)
         return out if self.lefts is None else out.baddbmm(v @ self.rights.transpose(1, 2), self.lefts)
 
@@ -218,6 +222,33 @@ def _segment_weights(kept, records, start, stop):
     return weights
 
 
+def _segment_adjoints(grads, records, start, stop):
+    """``dL/dW_stop`` of each layer as the start of a :class:`_LowRank` adjoint for the segment's
+    steps (``dL/dW_t = (1 - decay) dL/dW_{t+1} + A^T C`` adds factors, no pass over ``G``), and per
+    step the products of its recorded update factors with ``G = dL/dW_stop``, ``left G`` and
+    ``right G^T``, for all the segment's steps in one product each way (one pass over ``G``
+    instead of two per step). A layer with a decay keeps its dense adjoint, updated in place.
+
+    Returns the adjoints and a list (by step, ``start`` first) of per-layer ``(left G,
+    right G^T)`` (None for a dense or frozen layer)."""
+    adjoints, per_step = [], [[] for _ in range(start, stop)]
+    for layer, grad in enumerate(grads):
+        factors = [records[step][1][layer] for step in range(start, stop)]
+        if any(decay is not None for _, _, decay in factors) or factors[0][0] is None:
+            adjoints.append(grad)
+            for products in per_step:
+                products.append(None)
+            continue
+        lefts, rights = zip(*((left, right) for left, right, _ in factors))
+        sizes = [left.shape[1] for left in lefts]
+        left_products = (torch.cat(lefts, 1) @ grad).split(sizes, 1)
+        right_products = (torch.cat(rights, 1) @ grad.transpose(1, 2)).split(sizes, 1)
+        adjoints.append(_LowRank(grad))
+        for products, pair in zip(per_step, zip(left_products, right_products)):
+            products.append(pair)
+    return adjoints, per_step
+
+
 class _InnerLoop(torch.autograd.Function):
     """The inner loop with a hand-scheduled backward (reverse mode through every step, exact)."""
 
@@ -264,16 +295,18 @@ class _InnerLoop(torch.autograd.Function):
         for start in reversed(range(0, steps, segment)):
             stop = min(start + segment, steps)
             inside = _segment_weights(ctx.kept.pop(start), ctx.records, start, stop)
+            grads, base_products = _segment_adjoints(grads, ctx.records, start, stop)
             for step in reversed(range(start, stop)):
                 weights, (outputs, _) = inside.pop(), ctx.records.pop(step)
                 x, y = _step_data(x_train, y_train, step, batch)
                 state = State(weights, feedback, biases)
                 direct, per_layer = _backward_step(
-                    learner, state, outputs, leaf, coefficients, grads, x, y, replay_step
+                    learner, state, outputs, leaf, coefficients, grads, base_products.pop(), x, y, replay_step
                 )
                 grad_theta += direct
                 for total, grad in zip(grad_coefficients, per_layer):
                     total += grad
+            grads = [g.dense() if isinstance(g, _LowRank) else g for g in grads]
         with torch.enable_grad():
             pairs = [(c, g) for c, g in zip(coefficients, grad_coefficients) if c.requires_grad]
             if pairs:
@@ -322,10 +355,12 @@ def compiled_steps(backend: str = COMPILE_BACKEND):
     return torch.compile(_record_step, backend=backend), torch.compile(_replay_step, backend=backend)
 
 
-def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y, replay_step):
-    """Turn ``dL/dW_{t+1}`` (``grads``, in place) into ``dL/dW_t``; return this step's gradients
-    to ``theta`` (where used directly) and to each layer's ``coefficients`` (built from it).
-    ``state.weights`` are :class:`_LowRank`."""
+def _backward_step(learner, state, outputs, theta, coefficients, grads, base_products, x, y, replay_step):
+    """Turn ``dL/dW_{t+1}`` (``grads``: a :class:`_LowRank` adjoint, replaced, or a dense tensor,
+    in place) into ``dL/dW_t``; return this step's gradients to ``theta`` (where used directly)
+    and to each layer's ``coefficients`` (built from it). ``state.weights`` are :class:`_LowRank`;
+    ``base_products``: per layer ``(left G, right G^T)`` of a low-rank adjoint's base
+    (:func:`_segment_adjoints`)."""
     with torch.enable_grad():
         leaves = [c.detach().requires_grad_() for c in coefficients]
         outputs = {key: out.detach().requires_grad_() for key, out in outputs.items()}
@@ -333,7 +368,16 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y, re
             learner, state.weights, state.feedback, state.biases, theta, leaves, outputs, x, y
         )
         results, grad_outputs = [], []
-        for weight, grad, (left, right, decay) in zip(state.weights, grads, factors):
+        for weight, grad, products, (left, right, decay) in zip(state.weights, grads, base_products, factors):
+            if isinstance(grad, _LowRank):  # no decay (_segment_adjoints)
+                if left is not None:
+                    results += [left, right]
+                    left_product, right_product = products
+                    grad_outputs += [
+                        grad.times_transposed(right.detach(), right_product),
+                        grad.times(left.detach(), left_product),
+                    ]
+                continue
             per_row = decay is not None and decay.shape[1] > 1
             # the decay's gradient needs lefts G (per trial): with this step's left G, one pass over G
             merge = decay is not None and not per_row and left is not None and weight.lefts is not None
@@ -357,12 +401,15 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, x, y, re
         if grad is not None:
             v = vectors[name, index].detach()
             sinks[index].append((grad, v) if name == "forward" else (v, grad))
-    for grad, sink, (_, _, decay) in zip(grads, sinks, factors):
+    for layer, (grad, sink, (_, _, decay)) in enumerate(zip(grads, sinks, factors)):
+        lefts, rights = (torch.cat(side, 1) for side in zip(*sink)) if sink else (None, None)
+        if isinstance(grad, _LowRank):
+            grads[layer] = grad.updated(lefts, rights, None if decay is None else decay.detach())
+            continue
         if decay is not None:
             grad.mul_(1 - decay.detach())
         if sink:
-            lefts, rights = zip(*sink)
-            grad.baddbmm_(torch.cat(lefts, 1).transpose(1, 2), torch.cat(rights, 1))
+            grad.baddbmm_(lefts.transpose(1, 2), rights)
     per_layer = [torch.zeros_like(c) if g is None else g for c, g in zip(coefficients, per_layer)]
     return (grad_theta if grad_theta is not None else torch.zeros_like(theta)), per_layer
 
