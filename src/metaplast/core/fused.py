@@ -77,6 +77,9 @@ class _LowRank:
             rights = right if rights is None else torch.cat([rights, right], 1)
         return _LowRank(self.base, scale, lefts, rights)
 
+    def factors(self) -> tuple:
+        return self.base, self.scale, self.lefts, self.rights
+
     def dense(self) -> Tensor:
         """``W_t`` as one tensor (a new one unless there is nothing to add to ``base``)."""
         base = self.base if self.scale is None else self.base * self.scale
@@ -116,6 +119,43 @@ class _LowRank:
             return base + rows.sum(2, keepdim=True)
         lefts_grad = self.lefts @ grad if lefts_grad is None else lefts_grad
         return base + (lefts_grad * self.rights).sum((1, 2)).view(-1, 1, 1)
+
+
+class _Adjoint(_LowRank):
+    """``dL/dW_t`` inside a recomputation segment: ``dL/dW_stop`` plus the factors of the steps
+    since (:class:`_LowRank`, built backwards), and, for a layer with a decay, what its gradient
+    ``Σ G ⊙ W_t`` needs without a pass over ``G``: ``weight`` (``W_start``, the base of the
+    segment's weights), ``<G_stop, W_start>`` per trial (``base_inner``) and ``lefts W_start``
+    (``lefts_weight``, kept in step with ``lefts``)."""
+
+    def __init__(
+        self, base, scale=None, lefts=None, rights=None, weight=None, base_inner=None, lefts_weight=None
+    ):
+        super().__init__(base, scale, lefts, rights)
+        self.weight, self.base_inner, self.lefts_weight = weight, base_inner, lefts_weight
+
+    def updated(self, left, right, decay) -> _Adjoint:
+        step = super().updated(left, right, decay)
+        lefts_weight = self.lefts_weight
+        if self.weight is not None:
+            if decay is not None and lefts_weight is not None:
+                lefts_weight = lefts_weight * (1 - decay)
+            if left is not None:
+                product = left @ self.weight
+                lefts_weight = product if lefts_weight is None else torch.cat([lefts_weight, product], 1)
+        return _Adjoint(*step.factors(), self.weight, self.base_inner, lefts_weight)
+
+    def inner(self, weight: _LowRank, lefts_grad: Tensor | None) -> Tensor:
+        """``Σ G ⊙ W_t`` per trial ``(T, 1, 1)`` (per-trial scales) with ``W_t = weight``:
+        ``s_W (s_G <G_stop, W_start> + Σ (L_G W_start) ⊙ R_G) + Σ (L_W G) ⊙ R_W`` (``lefts_grad``:
+        ``L_W G``)."""
+        total = self.base_inner if self.scale is None else self.base_inner * self.scale
+        if self.lefts is not None:
+            total = total + (self.lefts_weight * self.rights).sum((1, 2)).view(-1, 1, 1)
+        total = total if weight.scale is None else total * weight.scale
+        if weight.lefts is not None:
+            total = total + (lefts_grad * weight.rights).sum((1, 2)).view(-1, 1, 1)
+        return total
 
 
 class _Recording(Products):
@@ -222,19 +262,21 @@ def _segment_weights(kept, records, start, stop):
     return weights
 
 
-def _segment_adjoints(grads, records, start, stop):
-    """``dL/dW_stop`` of each layer as the start of a :class:`_LowRank` adjoint for the segment's
-    steps (``dL/dW_t = (1 - decay) dL/dW_{t+1} + A^T C`` adds factors, no pass over ``G``), and per
-    step the products of its recorded update factors with ``G = dL/dW_stop``, ``left G`` and
-    ``right G^T``, for all the segment's steps in one product each way (one pass over ``G``
-    instead of two per step). A layer with a decay keeps its dense adjoint, updated in place.
+def _segment_adjoints(grads, kept, records, start, stop):
+    """``dL/dW_stop`` of each layer as the start of an :class:`_Adjoint` for the segment's steps
+    (``dL/dW_t = (1 - decay) dL/dW_{t+1} + A^T C`` adds factors: no pass over ``G``), and per step
+    the products with ``G = dL/dW_stop`` that the step needs, for all the segment's steps in one
+    product each way (one pass over ``G`` instead of two per step): ``left G``, ``right G^T`` of
+    its recorded update factors, and, with a decay, ``L_W G`` of its weight's factors. A layer
+    with a per-row decay, or no update factors, keeps its dense adjoint, updated in place.
 
-    Returns the adjoints and a list (by step, ``start`` first) of per-layer ``(left G,
-    right G^T)`` (None for a dense or frozen layer)."""
+    ``kept``: the segment's first weights (dense). Returns the adjoints and a list (by step,
+    ``start`` first) of per-layer ``(left G, right G^T, L_W G or None)`` (None for a dense layer)."""
     adjoints, per_step = [], [[] for _ in range(start, stop)]
-    for layer, grad in enumerate(grads):
+    for grad, weight, layer in zip(grads, kept, range(len(grads))):
         factors = [records[step][1][layer] for step in range(start, stop)]
-        if any(decay is not None for _, _, decay in factors) or factors[0][0] is None:
+        decays = [decay for _, _, decay in factors]
+        if factors[0][0] is None or any(d is not None and d.shape[1] > 1 for d in decays):
             adjoints.append(grad)
             for products in per_step:
                 products.append(None)
@@ -243,9 +285,18 @@ def _segment_adjoints(grads, records, start, stop):
         sizes = [left.shape[1] for left in lefts]
         left_products = (torch.cat(lefts, 1) @ grad).split(sizes, 1)
         right_products = (torch.cat(rights, 1) @ grad.transpose(1, 2)).split(sizes, 1)
-        adjoints.append(_LowRank(grad))
-        for products, pair in zip(per_step, zip(left_products, right_products)):
-            products.append(pair)
+        if decays[0] is None:
+            adjoints.append(_Adjoint(grad))
+            weight_lefts = [None] * len(factors)
+        else:  # per trial: Σ G ⊙ W_t from <G_stop, W_start> and products with the factors
+            inner = torch.stack([torch.dot(g.flatten(), w.flatten()) for g, w in zip(grad, weight)])
+            adjoints.append(_Adjoint(grad, weight=weight, base_inner=inner.view(-1, 1, 1)))
+            weight_lefts, current = [], None  # L_W G of each step's W_t, as _LowRank.updated builds L_W
+            for product, decay in zip(left_products, decays):
+                weight_lefts.append(current)
+                current = product if current is None else torch.cat([current * (1 - decay), product], 1)
+        for products, triple in zip(per_step, zip(left_products, right_products, weight_lefts)):
+            products.append(triple)
     return adjoints, per_step
 
 
@@ -294,8 +345,9 @@ class _InnerLoop(torch.autograd.Function):
         grad_coefficients = [torch.zeros_like(c) for c in coefficients]
         for start in reversed(range(0, steps, segment)):
             stop = min(start + segment, steps)
-            inside = _segment_weights(ctx.kept.pop(start), ctx.records, start, stop)
-            grads, base_products = _segment_adjoints(grads, ctx.records, start, stop)
+            kept = ctx.kept.pop(start)
+            inside = _segment_weights(kept, ctx.records, start, stop)
+            grads, base_products = _segment_adjoints(grads, kept, ctx.records, start, stop)
             for step in reversed(range(start, stop)):
                 weights, (outputs, _) = inside.pop(), ctx.records.pop(step)
                 x, y = _step_data(x_train, y_train, step, batch)
@@ -306,7 +358,7 @@ class _InnerLoop(torch.autograd.Function):
                 grad_theta += direct
                 for total, grad in zip(grad_coefficients, per_layer):
                     total += grad
-            grads = [g.dense() if isinstance(g, _LowRank) else g for g in grads]
+            grads = [g.dense() if isinstance(g, _Adjoint) else g for g in grads]
         with torch.enable_grad():
             pairs = [(c, g) for c, g in zip(coefficients, grad_coefficients) if c.requires_grad]
             if pairs:
@@ -369,14 +421,18 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, base_pro
         )
         results, grad_outputs = [], []
         for weight, grad, products, (left, right, decay) in zip(state.weights, grads, base_products, factors):
-            if isinstance(grad, _LowRank):  # no decay (_segment_adjoints)
-                if left is not None:
-                    results += [left, right]
-                    left_product, right_product = products
-                    grad_outputs += [
-                        grad.times_transposed(right.detach(), right_product),
-                        grad.times(left.detach(), left_product),
-                    ]
+            if isinstance(grad, _Adjoint):  # with update factors, no per-row decay (_segment_adjoints)
+                left_product, right_product, weight_lefts = products
+                rows, base_product = left.detach(), left_product
+                if decay is not None and weight.lefts is not None:  # L_W G for the decay, in one product
+                    rows = torch.cat([rows, weight.lefts], 1)
+                    base_product = torch.cat([left_product, weight_lefts], 1)
+                products, k = grad.times(rows, base_product), left.shape[1]
+                results += [left, right]
+                grad_outputs += [grad.times_transposed(right.detach(), right_product), products[:, :k]]
+                if decay is not None:
+                    results.append(decay)
+                    grad_outputs.append(-grad.inner(weight, products[:, k:]))
                 continue
             per_row = decay is not None and decay.shape[1] > 1
             # the decay's gradient needs lefts G (per trial): with this step's left G, one pass over G
@@ -403,7 +459,7 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, base_pro
             sinks[index].append((grad, v) if name == "forward" else (v, grad))
     for layer, (grad, sink, (_, _, decay)) in enumerate(zip(grads, sinks, factors)):
         lefts, rights = (torch.cat(side, 1) for side in zip(*sink)) if sink else (None, None)
-        if isinstance(grad, _LowRank):
+        if isinstance(grad, _Adjoint):
             grads[layer] = grad.updated(lefts, rights, None if decay is None else decay.detach())
             continue
         if decay is not None:
