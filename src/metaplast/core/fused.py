@@ -46,6 +46,16 @@ def unsupported(learner: Learner, state: State, meta, truncate: int | None) -> s
     return None
 
 
+def _times_transposed(v: Tensor, matrix: Tensor) -> Tensor:
+    """``v matrix^T`` for ``v (T, B, m)``; for one or two rows as ``(matrix v^T)^T``, row-wise dot
+    products, which MKL runs near memory speed and about twice as fast as ``v matrix^T`` (a
+    20-trial layer-1 weight out of cache: 0.38 against 0.82 ms for one row, 0.57 against 1.17
+    for two, on this project's CPU). Compiled code generates its own loops either way."""
+    if v.shape[1] > 2 or torch.compiler.is_compiling():
+        return v @ matrix.transpose(1, 2)
+    return (matrix @ v.transpose(1, 2)).transpose(1, 2)
+
+
 class _LowRank:
     """``W_t = scale ⊙ base + lefts^T rights``: a weight inside a recomputation segment, as the dense
     ``base`` of an earlier step and the update factors of the steps since (their decays folded
@@ -96,7 +106,7 @@ class _LowRank:
 
     def times_transposed(self, v: Tensor, base_product: Tensor | None = None) -> Tensor:
         """``v W_t^T`` (``v (T, B, m)``); ``base_product``: ``v base^T`` if already computed."""
-        out = v @ self.base.transpose(1, 2) if base_product is None else base_product
+        out = _times_transposed(v, self.base) if base_product is None else base_product
         out = out if self.scale is None else out * self.scale.transpose(1, 2)
         return out if self.lefts is None else out.baddbmm(v @ self.rights.transpose(1, 2), self.lefts)
 
