@@ -177,7 +177,10 @@ def relative_error(got, expected):
 
 
 def time_baseline(inputs, trials, device):
-    """The baseline on the first ``trials`` trials, one after the other: results and seconds per trial."""
+    """The baseline on the first ``trials`` trials, one after the other, after an untimed warm-up
+    episode as metaplast gets (a process's first baseline episode runs 1.4-2.2x slower: the
+    allocator's first pass over its hundreds of W-sized tensors): results and seconds per trial."""
+    run_baseline(inputs, 0)
     results, wall, cpu = [], 0.0, 0.0
     for t in range(trials):
         result, w, c = timed(lambda t=t: run_baseline(inputs, t), device)

@@ -186,8 +186,8 @@ class _Recording(Products):
     def backward(self, index, e):
         return self._keep(("backward", index), self.weights[index].times(e))
 
-    def send(self, index, e, matrix):
-        return self._keep(("send", index), super().send(index, e, matrix))
+    def send(self, index, e, matrix):  # e B^T
+        return self._keep(("send", index), _times_transposed(e, matrix))
 
     def wt_y(self, index, y):
         return self._keep(("wt_y", index), self.weights[index].times(y))
