@@ -63,10 +63,11 @@ class _LowRank:
     with it is one pass over ``base`` plus the small factors, and a step adds factors instead of
     rewriting ``W``. Anything else asked of it (``.detach()``, ``.sign()``, ``.shape``: a pathway
     that reads the weight's entries, as sign feedback does) goes to the dense ``W_t``, built on
-    first use."""
+    first use. ``base_t``: ``base^T`` as its own contiguous tensor where one is kept (a feedback
+    matrix: fixed for the episode), so that ``v W_t`` reads it row-wise (:func:`_times_transposed`)."""
 
-    def __init__(self, base: Tensor, scale=None, lefts=None, rights=None):
-        self.base, self.scale, self.lefts, self.rights = base, scale, lefts, rights
+    def __init__(self, base: Tensor, scale=None, lefts=None, rights=None, base_t=None):
+        self.base, self.scale, self.lefts, self.rights, self.base_t = base, scale, lefts, rights, base_t
 
     def __getattr__(self, name):  # only for names the class lacks: the dense W_t's tensor methods
         if name.startswith("__"):
@@ -85,7 +86,7 @@ class _LowRank:
         if left is not None:
             lefts = left if lefts is None else torch.cat([lefts, left], 1)
             rights = right if rights is None else torch.cat([rights, right], 1)
-        return _LowRank(self.base, scale, lefts, rights)
+        return _LowRank(self.base, scale, lefts, rights, self.base_t)
 
     def factors(self) -> tuple:
         return self.base, self.scale, self.lefts, self.rights
@@ -99,7 +100,8 @@ class _LowRank:
         """``v W_t`` (``v (T, B, n)``); ``base_product``: ``v base`` if already computed (then the
         scale must be per trial)."""
         if base_product is None:
-            out = (v if self.scale is None else v * self.scale.transpose(1, 2)) @ self.base
+            scaled = v if self.scale is None else v * self.scale.transpose(1, 2)
+            out = scaled @ self.base if self.base_t is None else _times_transposed(scaled, self.base_t)
         else:
             out = base_product if self.scale is None else base_product * self.scale
         return out if self.lefts is None else out.baddbmm(v @ self.lefts.transpose(1, 2), self.rights)
@@ -197,12 +199,12 @@ class _Linked(torch.autograd.Function):
     """A stored product ``out = v M`` (``M`` one of ``W_t^T``, ``W_t``, a feedback matrix) linked to
     its vector ``v`` without recomputing it: the gradient passes to ``out`` unchanged (``out`` is a
     leaf; its gradient and ``v`` are the rank-``B`` factors of ``dL/dW``) and to ``v`` as
-    ``grad M^T``. ``M`` is the :class:`_LowRank` ``(base, scale, lefts, rights)``; ``transposed``:
-    ``M = base^T`` (``out = v W^T``)."""
+    ``grad M^T``. ``M`` is the :class:`_LowRank` ``(base, scale, lefts, rights, base_t)``;
+    ``transposed``: ``M = base^T`` (``out = v W^T``)."""
 
     @staticmethod
-    def forward(ctx, v, out, base, scale, lefts, rights, transposed):
-        ctx.save_for_backward(base, scale, lefts, rights)
+    def forward(ctx, v, out, base, scale, lefts, rights, base_t, transposed):
+        ctx.save_for_backward(base, scale, lefts, rights, base_t)
         ctx.transposed = transposed
         return out.clone()
 
@@ -212,21 +214,23 @@ class _Linked(torch.autograd.Function):
         grad_v = None
         if ctx.needs_input_grad[0]:  # not for x
             grad_v = weight.times(grad) if ctx.transposed else weight.times_transposed(grad)
-        return grad_v, grad, None, None, None, None, None
+        return grad_v, grad, None, None, None, None, None, None
 
 
 class _Replay(Products):
     """The stored products of one step (``outputs``, leaves that require grad), linked to their
-    vector arguments (kept in ``vectors``) by :class:`_Linked`."""
+    vector arguments (kept in ``vectors``) by :class:`_Linked`; ``feedback``: the episode's
+    matrices and their contiguous transposes."""
 
-    def __init__(self, weights, outputs):
+    def __init__(self, weights, outputs, feedback=()):
         super().__init__(weights)
-        self.outputs, self.vectors = outputs, {}
+        self.outputs, self.vectors, self.feedback = outputs, {}, feedback
 
     def _linked(self, name, index, v, weight, transposed):
         self.vectors[name, index] = v
         out = self.outputs[name, index]
-        return _Linked.apply(v, out, weight.base, weight.scale, weight.lefts, weight.rights, transposed)
+        factors = (weight.base, weight.scale, weight.lefts, weight.rights, weight.base_t)
+        return _Linked.apply(v, out, *factors, transposed)
 
     def forward(self, index, y):  # y W^T
         return self._linked("forward", index, y, self.weights[index], True)
@@ -235,7 +239,8 @@ class _Replay(Products):
         return self._linked("backward", index, e, self.weights[index], False)
 
     def send(self, index, e, matrix):  # e B^T
-        return self._linked("send", index, e, _LowRank(matrix), True)
+        matrix_t = next((t for b, t in self.feedback if b is matrix), None)
+        return self._linked("send", index, e, _LowRank(matrix, base_t=matrix_t), True)
 
     def wt_y(self, index, y):  # y W
         return self._linked("wt_y", index, y, self.weights[index], False)
@@ -353,6 +358,9 @@ class _InnerLoop(torch.autograd.Function):
             coefficients = learner.layer_coefficients(leaf)
         grad_theta = torch.zeros_like(theta)
         grad_coefficients = [torch.zeros_like(c) for c in coefficients]
+        # the replay's v B (the gradient of a sent e B^T) reads B^T row-wise: one copy per episode
+        feedback_t = [b.transpose(-1, -2).contiguous() for b in feedback]
+        replay_step = functools.partial(replay_step, feedback_t=feedback_t)
         for start in reversed(range(0, steps, segment)):
             stop = min(start + segment, steps)
             kept = ctx.kept.pop(start)
@@ -395,10 +403,11 @@ def _record_step(learner, weights, feedback, biases, theta, coefficients, x, y):
     return products.outputs, factors
 
 
-def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y):
+def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y, feedback_t=()):
     """The same step again under autograd on the stored ``outputs`` (leaves): the update factors
-    and the vector argument of every product."""
-    replay = _Replay(weights, outputs)
+    and the vector argument of every product (``feedback_t``: the feedback matrices' contiguous
+    transposes)."""
+    replay = _Replay(weights, outputs, tuple(zip(feedback, feedback_t)))
     state = State(weights, feedback, biases)
     factors, _, _ = learner.step_factors(state, {"theta": theta}, leaves, x, y, replay)
     return factors, replay.vectors
@@ -418,11 +427,10 @@ def compiled_steps(backend: str = COMPILE_BACKEND):
 
 
 def _backward_step(learner, state, outputs, theta, coefficients, grads, base_products, x, y, replay_step):
-    """Turn ``dL/dW_{t+1}`` (``grads``: a :class:`_LowRank` adjoint, replaced, or a dense tensor,
+    """Turn ``dL/dW_{t+1}`` (``grads``: an :class:`_Adjoint`, replaced, or a dense tensor, updated
     in place) into ``dL/dW_t``; return this step's gradients to ``theta`` (where used directly)
     and to each layer's ``coefficients`` (built from it). ``state.weights`` are :class:`_LowRank`;
-    ``base_products``: per layer ``(left G, right G^T)`` of a low-rank adjoint's base
-    (:func:`_segment_adjoints`)."""
+    ``base_products``: per layer the products with an adjoint's base (:func:`_segment_adjoints`)."""
     with torch.enable_grad():
         leaves = [c.detach().requires_grad_() for c in coefficients]
         outputs = {key: out.detach().requires_grad_() for key, out in outputs.items()}
