@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 tag=${TAG:-cpu}
 threads=${THREADS:-1}
-OMP_NUM_THREADS=$threads "$python" -m metaplast.bench --rule f0 bio pool --trials 1 20 --recompute 0 16 \
+OMP_NUM_THREADS=$threads "$python" -m metaplast.bench --rule f0 bio pool --trials 1 20 --recompute 0 8 \
     --threads "$threads" --json "benchmarks/results-$tag.json" "$@" | tee "benchmarks/results-$tag.txt"

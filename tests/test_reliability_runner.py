@@ -155,10 +155,10 @@ def test_the_memory_estimate_counts_what_an_episode_keeps():
     sizes = [784, 170, 130, 100, 70, 47]
     assert weight_count(sizes) == 784 * 170 + 170 * 130 + 130 * 100 + 100 * 70 + 70 * 47
     assert kept_weight_sets(250, "autograd", 16) == 251
-    assert kept_weight_sets(250, "auto", 16) == 16 + 16  # ceil(250/16) + 16
+    assert kept_weight_sets(250, "auto", 16) == 16 + 1  # ceil(250/16) segment starts + the adapted W
     assert kept_weight_sets(250, "auto", 0) == 251
     estimate = episode_estimate(sizes, 20, 250, 50, "auto", 16)
-    assert estimate.bytes == 20 * ((32 + 1) * weight_count(sizes) + 300 * 784) * 4
+    assert estimate.bytes == 20 * ((17 + 1) * weight_count(sizes) + 300 * 784) * 4
     assert estimate.bytes < 2**30 < device_memory("cpu")  # the paper's run fits (well) in any machine
     assert "20 trial(s)" in estimate.detail and "784-170-130-100-70-47" in estimate.detail
 

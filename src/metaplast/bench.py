@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from metaplast import reference
+from metaplast.core.fused import RECOMPUTE_SEGMENT
 from metaplast.core.inner_loop import inner_loop
 from metaplast.core.learner import Learner, State
 from metaplast.core.networks import BETA, MLP
@@ -462,8 +463,8 @@ def parse_args(argv=None):
         "--recompute",
         type=int,
         nargs="+",
-        default=[0, 16],
-        help="inner steps per recomputation segment (0: none)",
+        default=[0, RECOMPUTE_SEGMENT],
+        help=f"inner steps per recomputation segment (0: none; {RECOMPUTE_SEGMENT}: the default of training)",
     )
     parser.add_argument(
         "--compile",

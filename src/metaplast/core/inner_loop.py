@@ -55,7 +55,7 @@ def inner_loop(
     estimator: str = "auto",
     batch: int = 1,
     truncate: int | None = None,
-    recompute_segment: int = 16,
+    recompute_segment: int = fused.RECOMPUTE_SEGMENT,
     compile: bool = False,
 ) -> State:
     """Adapt with the chosen meta-gradient estimator; both give the same numbers (tested to 1e-10).

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from metaplast.core.fused import RECOMPUTE_SEGMENT
 from metaplast.core.inner_loop import ESTIMATORS
 from metaplast.core.learner import SHARING, Learner
 from metaplast.core.meta import REGULARISERS, check_term_scale
@@ -166,7 +167,7 @@ class TrainerConfig:
     precision: str = "32-true"
     checkpoint_every: int = 50
     progress_bar: bool = True
-    recompute_segment: int = 16  # fused: inner steps per recomputation segment; 0 keeps every W
+    recompute_segment: int = RECOMPUTE_SEGMENT  # fused: inner steps per segment; 0 keeps every W
     compile: bool = False  # fused: torch.compile each step's vector part (compiles ~1 min first)
 
 
@@ -645,7 +646,7 @@ def check_memory(cfg, rule: Rule | None = None, input_dim: int = 1, output_dim: 
             run_device(cfg.trainer.accelerator),
             "an episode",
             "fewer meta.trials, narrower or fewer layers (model.hidden), smaller meta.M/meta.K, "
-            "or trainer.recompute_segment=16",
+            f"or a longer trainer.recompute_segment (now {cfg.trainer.recompute_segment}; fewer kept W)",
         )
     except TooLarge as error:
         raise ConfigError(str(error)) from None

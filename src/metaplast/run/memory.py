@@ -15,6 +15,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from metaplast.core.fused import RECOMPUTE_SEGMENT
+
 GiB = 2**30
 
 
@@ -59,10 +61,12 @@ def weight_count(sizes: Sequence[int]) -> int:
 
 
 def kept_weight_sets(steps: int, estimator: str, recompute_segment: int) -> int:
-    """Weight sets ``W_t`` the meta-gradient keeps alive in one episode of ``steps`` inner steps."""
+    """Weight sets ``W_t`` the meta-gradient keeps alive in one episode of ``steps`` inner steps:
+    with recomputation, each segment's first and the adapted one (the steps inside a segment are
+    low-rank factors, :mod:`metaplast.core.fused`)."""
     if estimator == "autograd" or recompute_segment <= 0 or recompute_segment >= steps:
         return steps + 1
-    return math.ceil(steps / recompute_segment) + recompute_segment
+    return math.ceil(steps / recompute_segment) + 1
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def episode_estimate(
     steps: int,
     query: int,
     estimator: str = "auto",
-    recompute_segment: int = 16,
+    recompute_segment: int = RECOMPUTE_SEGMENT,
     element_bytes: int = 4,
 ) -> Estimate:
     """The least memory of one meta-training episode: per trial, the kept weight sets, the feedback
