@@ -761,6 +761,7 @@ BENCH_CASES = [
     (["--query", "0"], "--query 0 is not allowed"),
     (["--threads", "0"], "--threads 0 is not allowed"),
     (["--baseline-trials", "0"], "--baseline-trials 0 is not allowed"),
+    (["--repeats", "0"], "--repeats 0 is not allowed; allowed: an integer >= 1"),
     (["--tolerance", "nan"], "--tolerance nan is not allowed; allowed: a finite number >= 0"),
     (["--tolerance", "-1"], "--tolerance -1.0 is not allowed"),
     (["--rule", "hebb"], "--rule 'hebb': rule 'hebb' is unknown"),
