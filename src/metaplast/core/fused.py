@@ -10,7 +10,10 @@ vector (:class:`_Linked`). Inside a recomputation segment of ``recompute_segment
 never rewritten: it is the dense ``W`` of the segment's first step plus the update factors since
 (:class:`_LowRank`), so a step costs the passes over ``W`` that its products need and no update
 pass, and the backward pass rebuilds a segment's ``W_t`` from the kept first one and the
-recorded factors (vectors) without touching ``W``. Only every k-th ``W_t`` is kept.
+recorded factors (vectors) without touching ``W``. Only every k-th ``W_t`` is kept. The adjoint
+``dL/dW_t`` is low-rank inside a segment likewise (:class:`_Adjoint`: ``dL/dW`` at the segment's
+end plus the ``A^T C`` since), so it is never updated step by step, and its products with all
+the segment's recorded update factors are one batched product each way (:func:`_segment_adjoints`).
 """
 
 from __future__ import annotations
