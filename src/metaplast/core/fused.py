@@ -53,7 +53,7 @@ def _times_transposed(v: Tensor, matrix: Tensor) -> Tensor:
     """``v matrix^T`` for ``v (T, B, m)``; for one or two rows as ``(matrix v^T)^T``, row-wise dot
     products, which MKL runs near memory speed and about twice as fast as ``v matrix^T`` (a
     20-trial layer-1 weight out of cache: 0.38 against 0.82 ms for one row, 0.57 against 1.17
-    for two, on this project's CPU). Compiled code generates its own loops either way."""
+    for two, on the AMD host of benchmarks/README.md). Compiled code makes its own loops either way."""
     if v.shape[1] > 2 or torch.compiler.is_compiling():
         return v @ matrix.transpose(1, 2)
     return (matrix @ v.transpose(1, 2)).transpose(1, 2)
@@ -115,9 +115,9 @@ class _LowRank:
         out = out if self.scale is None else out * self.scale.transpose(1, 2)
         return out if self.lefts is None else out.baddbmm(v @ self.rights.transpose(1, 2), self.lefts)
 
-    def inner(self, grad: Tensor, per_row: bool, lefts_grad: Tensor | None = None) -> Tensor:
-        """``Σ G ⊙ W_t`` per trial ``(T, 1, 1)`` or per row ``(T, n, 1)``, no ``W``-sized temporary
-        where per trial (``lefts_grad``: ``lefts G`` if already computed)."""
+    def inner(self, grad: Tensor, per_row: bool) -> Tensor:
+        """``Σ G ⊙ W_t`` per trial ``(T, 1, 1)`` or per row ``(T, n, 1)`` for a dense ``G``, no
+        ``W``-sized temporary where per trial."""
         scale = self.scale
         if per_row or (scale is not None and scale.shape[1] > 1):
             base = (grad * self.base).sum(2, keepdim=True)
@@ -132,8 +132,7 @@ class _LowRank:
         if per_row:
             rows = (grad @ self.rights.transpose(1, 2)) * self.lefts.transpose(1, 2)
             return base + rows.sum(2, keepdim=True)
-        lefts_grad = self.lefts @ grad if lefts_grad is None else lefts_grad
-        return base + (lefts_grad * self.rights).sum((1, 2)).view(-1, 1, 1)
+        return base + ((self.lefts @ grad) * self.rights).sum((1, 2)).view(-1, 1, 1)
 
 
 class _Adjoint(_LowRank):
@@ -419,7 +418,7 @@ def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, 
 #: Inner steps per recomputation segment by default (``trainer.recompute_segment``): with the
 #: low-rank weights and adjoints a segment's factors grow with its length, and 8 measured faster
 #: than 16 here (20 trials, alternating runs: pool 0.220-0.227 against 0.245-0.260 s per trial
-#: eager, bio compiled 0.123-0.145 against 0.139-0.162), for 31 kept weight sets instead of 16.
+#: eager, bio compiled 0.123-0.145 against 0.139-0.162), for 32 kept weight sets instead of 16.
 RECOMPUTE_SEGMENT = 8
 
 #: ``torch.compile``'s backend for ``trainer.compile`` (the tests trace with ``aot_eager``).
@@ -461,19 +460,13 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, base_pro
                     results.append(decay)
                     grad_outputs.append(-grad.inner(weight, products[:, k:]))
                 continue
-            per_row = decay is not None and decay.shape[1] > 1
-            # the decay's gradient needs lefts G (per trial): with this step's left G, one pass over G
-            merge = decay is not None and not per_row and left is not None and weight.lefts is not None
-            lefts_grad = None
+            # a dense adjoint: a per-row decay, or no update factors (_segment_adjoints)
             if left is not None:  # W_{t+1} = ... + left^T right
                 results += [left, right]
-                rows = torch.cat([left.detach(), weight.lefts], 1) if merge else left.detach()
-                products, k = rows @ grad, left.shape[1]
-                grad_outputs += [right.detach() @ grad.transpose(1, 2), products[:, :k]]
-                lefts_grad = products[:, k:] if merge else None
+                grad_outputs += [right.detach() @ grad.transpose(1, 2), left.detach() @ grad]
             if decay is not None:  # W_{t+1} = W_t (1 - decay) + ..., decay (T, 1, 1) or per row (T, n, 1)
                 results.append(decay)
-                grad_outputs.append(-weight.inner(grad, per_row, lefts_grad))
+                grad_outputs.append(-weight.inner(grad, decay.shape[1] > 1))
         keys = [key for key in outputs if key[0] != "send"]
         grad_theta, *rest = torch.autograd.grad(
             results, [theta, *leaves, *(outputs[key] for key in keys)], grad_outputs, allow_unused=True
