@@ -96,7 +96,7 @@ def one_pass_bytes(sizes, trials, steps, element) -> int:
 
 def _best_seconds(fn, device, repeats):
     fn()  # warm-up
-    return min(timed(fn, device)[1] for _ in range(repeats))
+    return fastest(fn, device, repeats)[1]
 
 
 def machine_peaks(device, dtype=torch.float32, copy_mib=256, gemm=1024, repeats=5) -> dict:
@@ -173,6 +173,13 @@ def timed(fn, device):
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def fastest(fn, device, repeats):
+    """``(result of the last call, least wall seconds, least CPU seconds)`` of ``repeats`` timed
+    calls of ``fn``."""
+    runs = [timed(fn, device) for _ in range(repeats)]
+    return runs[-1][0], min(wall for _, wall, _ in runs), min(cpu for _, _, cpu in runs)
+
+
 def relative_error(got, expected):
     return ((got - expected).norm() / expected.norm()).item()
 
@@ -183,22 +190,16 @@ def time_baseline(inputs, trials, device, repeats=1):
     allocator's first pass over its hundreds of W-sized tensors); the fastest of ``repeats``
     passes: results and seconds per trial."""
     run_baseline(inputs, 0)
-    wall = cpu = math.inf
-    for _ in range(repeats):
-        timings = [timed(lambda t=t: run_baseline(inputs, t), device) for t in range(trials)]
-        wall = min(wall, sum(w for _, w, _ in timings) / trials)
-        cpu = min(cpu, sum(c for _, _, c in timings) / trials)
-    return dict(results=[result for result, _, _ in timings], s_per_trial=wall, cpu_s_per_trial=cpu)
+    results, wall, cpu = fastest(lambda: [run_baseline(inputs, t) for t in range(trials)], device, repeats)
+    return dict(results=results, s_per_trial=wall / trials, cpu_s_per_trial=cpu / trials)
 
 
 def compare(inputs, recompute_segment, baseline, device, compile=False, repeats=1):
     """Time metaplast on all trials (after a warm-up run, which compiles with ``compile``; the
     fastest of ``repeats`` episodes) and compare it with ``baseline``."""
-    _, warm_up, _ = timed(lambda: run_metaplast(inputs, recompute_segment, compile), device)
-    wall = cpu = math.inf
-    for _ in range(repeats):
-        (adapted, grad), w, c = timed(lambda: run_metaplast(inputs, recompute_segment, compile), device)
-        wall, cpu = min(wall, w), min(cpu, c)
+    episode = lambda: run_metaplast(inputs, recompute_segment, compile)  # noqa: E731
+    _, warm_up, _ = timed(episode, device)
+    (adapted, grad), wall, cpu = fastest(episode, device, repeats)
     trials = inputs["theta"].shape[0]
     w_err = g_err = 0.0
     for t, (b_adapted, b_grad) in enumerate(baseline["results"]):

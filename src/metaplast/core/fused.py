@@ -59,6 +59,18 @@ def _times_transposed(v: Tensor, matrix: Tensor) -> Tensor:
     return (matrix @ v.transpose(1, 2)).transpose(1, 2)
 
 
+def _grown(rows: Tensor | None, new: Tensor | None, keep: Tensor | None) -> Tensor | None:
+    """Factor rows ``(T, k, ·)`` one step on: scaled by ``keep`` (a decay's ``1 - decay``), with
+    ``new`` appended."""
+    rows = rows if rows is None or keep is None else rows * keep
+    return new if rows is None else rows if new is None else torch.cat([rows, new], 1)
+
+
+def _trial_dots(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ a ⊙ b`` per trial, ``(T, 1, 1)``, without an ``a``-sized temporary."""
+    return torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(a, b)]).view(-1, 1, 1)
+
+
 class _LowRank:
     """``W_t = scale ⊙ base + lefts^T rights``: a weight inside a recomputation segment, as the dense
     ``base`` of an earlier step and the update factors of the steps since (their decays folded
@@ -81,15 +93,10 @@ class _LowRank:
 
     def updated(self, left, right, decay) -> _LowRank:
         """``W_{t+1} = W_t (1 - decay) + left^T right`` (the factors of :func:`update_factors`)."""
-        scale, lefts, rights = self.scale, self.lefts, self.rights
-        if decay is not None:
-            keep = 1 - decay
-            scale = keep if scale is None else scale * keep
-            lefts = None if lefts is None else lefts * keep.transpose(1, 2)
-        if left is not None:
-            lefts = left if lefts is None else torch.cat([lefts, left], 1)
-            rights = right if rights is None else torch.cat([rights, right], 1)
-        return _LowRank(self.base, scale, lefts, rights, self.base_t)
+        keep = None if decay is None else 1 - decay
+        scale = self.scale if keep is None else keep if self.scale is None else self.scale * keep
+        lefts = _grown(self.lefts, left, None if keep is None else keep.transpose(1, 2))
+        return _LowRank(self.base, scale, lefts, _grown(self.rights, right, None), self.base_t)
 
     def factors(self) -> tuple:
         return self.base, self.scale, self.lefts, self.rights
@@ -122,8 +129,7 @@ class _LowRank:
         if per_row or (scale is not None and scale.shape[1] > 1):
             base = (grad * self.base).sum(2, keepdim=True)
         else:  # a dot product per trial
-            base = torch.stack([torch.dot(g.flatten(), w.flatten()) for g, w in zip(grad, self.base)])
-            base = base.view(-1, 1, 1)
+            base = _trial_dots(grad, self.base)
         base = base if scale is None else base * scale
         if not per_row:
             base = base.sum(1, keepdim=True)
@@ -151,12 +157,9 @@ class _Adjoint(_LowRank):
     def updated(self, left, right, decay) -> _Adjoint:
         step = super().updated(left, right, decay)
         lefts_weight = self.lefts_weight
-        if self.weight is not None:
-            if decay is not None and lefts_weight is not None:
-                lefts_weight = lefts_weight * (1 - decay)
-            if left is not None:
-                product = left @ self.weight
-                lefts_weight = product if lefts_weight is None else torch.cat([lefts_weight, product], 1)
+        if self.weight is not None:  # per-trial decay: 1 - decay scales the rows as it does lefts
+            product = None if left is None else left @ self.weight
+            lefts_weight = _grown(lefts_weight, product, None if decay is None else 1 - decay)
         return _Adjoint(*step.factors(), self.weight, self.base_inner, lefts_weight)
 
     def inner(self, weight: _LowRank, lefts_grad: Tensor | None) -> Tensor:
@@ -290,7 +293,7 @@ def _segment_adjoints(grads, kept, records, start, stop):
     ``kept``: the segment's first weights (dense). Returns the adjoints and a list (by step,
     ``start`` first) of per-layer ``(left G, right G^T, L_W G or None)`` (None for a dense layer)."""
     adjoints, per_step = [], [[] for _ in range(start, stop)]
-    for grad, weight, layer in zip(grads, kept, range(len(grads))):
+    for layer, (grad, weight) in enumerate(zip(grads, kept)):
         factors = [records[step][1][layer] for step in range(start, stop)]
         decays = [decay for _, _, decay in factors]
         if factors[0][0] is None or any(d is not None and d.shape[1] > 1 for d in decays):
@@ -306,12 +309,11 @@ def _segment_adjoints(grads, kept, records, start, stop):
             adjoints.append(_Adjoint(grad))
             weight_lefts = [None] * len(factors)
         else:  # per trial: Σ G ⊙ W_t from <G_stop, W_start> and products with the factors
-            inner = torch.stack([torch.dot(g.flatten(), w.flatten()) for g, w in zip(grad, weight)])
-            adjoints.append(_Adjoint(grad, weight=weight, base_inner=inner.view(-1, 1, 1)))
+            adjoints.append(_Adjoint(grad, weight=weight, base_inner=_trial_dots(grad, weight)))
             weight_lefts, current = [], None  # L_W G of each step's W_t, as _LowRank.updated builds L_W
             for product, decay in zip(left_products, decays):
                 weight_lefts.append(current)
-                current = product if current is None else torch.cat([current * (1 - decay), product], 1)
+                current = _grown(current, product, 1 - decay)
         for products, triple in zip(per_step, zip(left_products, right_products, weight_lefts)):
             products.append(triple)
     return adjoints, per_step
