@@ -476,6 +476,37 @@ def test_growth_gradient_of_a_finite_spiking_trial_is_the_same_with_the_fused_an
     assert (found["fused"] - found["autograd"]).norm() <= 1e-10 * found["autograd"].norm()
 
 
+def test_growth_gradients_of_several_trials_batched_equal_each_trial_alone():
+    """The diverged and spiking trials run batched (grouped by their last finite step): each row
+    equals growth_gradients of that trial alone (float64), whatever the mix — two spiking trials
+    known finite, trials blowing up after 1 and 2 steps, one diverged with finite weights, one
+    blowing up at its first step (zeros) and two healthy trials (zeros)."""
+    from core_helpers import learner_for
+    from metaplast.run.module import growth_gradients
+
+    learner = learner_for("fa", [6, 5, 4, 3], "ehebb")
+    rows = [[0.05, -0.02], [10.0, -1e150], [0.04, 0.01], [1.0, -1e100], [0.02, 0.01], [float("inf"), 0.0]]
+    rows += [[0.03, -0.01], [0.01, 0.02]]
+    trials = len(rows)
+    double = torch.zeros((), dtype=torch.float64)
+    state = learner.init_state([torch.Generator().manual_seed(t) for t in range(trials)], like=double)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(trials, 12, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (trials, 12), generator=g)
+    theta = torch.nn.Parameter(torch.tensor(rows, dtype=torch.float64))
+    bad = torch.tensor([True, True, False, True, True, True, True, False])
+    finite = torch.tensor([True, False, True, False, False, False, True, True])  # 0, 6: spikes
+
+    def growth(diverged):
+        return growth_gradients(learner, state, {"theta": theta}, [theta], x, y, 1, diverged, finite)[0]
+
+    batched = growth(bad)
+    alone = torch.stack([growth(torch.arange(trials) == t)[t] for t in bad.nonzero().flatten()])
+    assert torch.equal(batched[~bad], torch.zeros(2, 2)) and torch.equal(batched[5], torch.zeros(2))
+    assert batched[[0, 1, 3, 4, 6]].abs().amin(1).gt(0).all()  # every other bad trial has a gradient
+    assert (batched[bad] - alone).norm() <= 1e-12 * alone.norm()
+
+
 # --- 6. data faults, round two (issue 14): values, shapes, label ids, sizes before decompressing ---
 
 
