@@ -373,7 +373,7 @@ class MetaPlasticity(L.LightningModule):
         # of ~750 scalars (20 trials) cost 0.6 s per episode on a CPU, 1.15 s on a GPU (issue 15).
         step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in self.loggers:
-            logger.log_metrics({**scalars, "epoch": self.current_epoch}, step=step)
+            logger.log_metrics(scalars, step=step)
         if "meta/acc" in record and not diverged.all():
             acc = record["meta/acc"][~diverged].mean().item()
             self.log("acc", acc, prog_bar=True, logger=False, batch_size=1)
