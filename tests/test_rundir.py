@@ -188,3 +188,11 @@ def test_result_json_report_sweep_and_objective_agree_on_the_final_accuracy_and_
     again = json.loads((no_csv / "result.json").read_text())
     assert again["meta_acc"] == pytest.approx(result["meta_acc"], rel=1e-12)
     assert again["theta"] == result["theta"]
+    # Resumed from the checkpoint of its last episode with result.json lost, a run trains nothing
+    # and takes the accuracy from the checkpoint's own episode record: the same numbers again.
+    (no_csv / "result.json").unlink()
+    train(
+        make_cfg(*overrides, "logger.csv=false", f"ckpt_path={no_csv / 'checkpoints' / 'last.ckpt'}"), no_csv
+    )
+    resumed = json.loads((no_csv / "result.json").read_text())
+    assert resumed["meta_acc"] == again["meta_acc"] and resumed["theta"] == again["theta"]

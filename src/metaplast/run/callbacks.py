@@ -7,7 +7,6 @@ import logging
 import math
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +19,6 @@ from metaplast.analysis.results import (
     RESULT,
     final_accuracy,
     job_result,
-    per_trial_mean,
     write_json,
 )
 from metaplast.run.resume import CHECKPOINT_VERSION, code_version
@@ -33,33 +31,23 @@ class FinalResult(L.Callback):
     """At the end of training: write ``result.json`` and put the result into the W&B run's summary.
 
     The final meta-accuracy is :func:`metaplast.analysis.results.final_accuracy`: per trial, the
-    mean over the last ``objective.last`` episodes of ``metrics.csv`` (without a CSV: of those this
-    process saw); the final Θ is the module's, after the last Adam step.
+    mean over the last ``objective.last`` episodes of the run's episode record (what
+    ``metrics.csv`` holds, also without the file: :meth:`MetaPlasticity.episode_table`); the final
+    Θ is the module's, after the last Adam step.
     """
 
     def __init__(self, run_dir: Path, threshold: float, max_terms: int | None, last: int | None = None):
         self.run_dir, self.threshold, self.max_terms, self.last = Path(run_dir), threshold, max_terms, last
-        self.recent: deque = deque()  # per episode seen: each trial's accuracy (NaN: diverged)
 
     def _last(self, module) -> int:
         return self.last or int(getattr(module.cfg.objective, "last", DEFAULT_LAST))
 
-    def on_fit_start(self, trainer, module):
-        self.recent = deque(maxlen=self._last(module))
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        _, record, diverged = getattr(module, "_episode", (None, {}, None))  # set in its optimizer step
-        if "meta/acc" in record:
-            acc = record["meta/acc"].detach().double().cpu().masked_fill(diverged.bool(), float("nan"))
-            self.recent.append(acc.tolist())
-
-    def write(self, module, metrics=None) -> dict:
+    def write(self, module) -> dict:
         trial_ids, last = module.trial_ids, self._last(module)
-        accuracy = final_accuracy(self.run_dir / "metrics.csv", trial_ids, last) if module.csv else None
-        if accuracy is None and self.recent:  # no CSV: the episodes seen here
-            accuracy = per_trial_mean(list(self.recent)[-last:])
-        if accuracy is None:  # nothing seen (resumed after its last episode): the last logged values
-            accuracy = [float((metrics or {}).get(f"meta/acc/trial_{t}", float("nan"))) for t in trial_ids]
+        table = module.episode_table()
+        accuracy = final_accuracy(table, trial_ids, last) if table is not None else None
+        if accuracy is None:  # no episode recorded
+            accuracy = [float("nan")] * len(trial_ids)
         theta = module.theta.detach().double().cpu().numpy()
         terms = module.rule.terms
         result = job_result(theta, terms, trial_ids, accuracy, self.threshold, self.max_terms, last)
@@ -73,7 +61,7 @@ class FinalResult(L.Callback):
     def on_train_end(self, trainer, module):
         if not trainer.is_global_zero:
             return
-        result = self.write(module, trainer.callback_metrics)
+        result = self.write(module)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 finish_wandb_run(logger.experiment, module, result, self.run_dir)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
@@ -364,6 +366,17 @@ class MetaPlasticity(L.LightningModule):
         # The table gets the episode now, before the checkpoint callbacks of this step (they run
         # before on_train_batch_end), so a checkpoint of episode n holds the rows of 0..n-1.
         self.table.append(episode, self.trial_ids, self._episode[1])
+
+    def episode_table(self) -> pd.DataFrame | None:
+        """The run's episodes as ``metrics.csv`` holds them (None before any), from the module's own
+        record: also without the file (``logger.csv=false``) and in a run resumed from a checkpoint
+        of its last episode, which trains no episode and so never restores the record itself."""
+        table = self.table
+        if not table.rows and self._saved_table is not None:
+            table = EpisodeCSV(None)
+            table.restore(self._saved_table, self.global_step)
+        text = table.render()
+        return pd.read_csv(io.StringIO(text)) if text else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         """Log the episode; stop when a trial diverged ``max_diverged`` times in a row."""
