@@ -180,7 +180,7 @@ def test_result_json_report_sweep_and_objective_agree_on_the_final_accuracy_and_
     checkpoint = RunDir(job).final(("checkpoint",))
     assert checkpoint.values.tolist() == result["theta"]  # last.ckpt holds the same Θ
 
-    # Without metrics.csv the callback averages the episodes it saw: the same numbers.
+    # Without metrics.csv the result comes from the run's own episode record: the same numbers.
     no_csv = tmp_path / "no_csv"
     no_csv.mkdir()
     train(make_cfg(*overrides, "logger.csv=false"), no_csv)
