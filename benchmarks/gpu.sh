@@ -57,7 +57,7 @@ protocol() { # NAME OVERRIDES...: the Fig. 4 protocol with its progress (seconds
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
     "$py" -c "import torch, lightning, hydra; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 torch.cuda.get_device_name(), 'lightning', lightning.__version__, 'hydra', hydra.__version__)"
-    nproc
+    nproc --all
 } 2>&1 # printed only: OUT_DIR holds 8 files at most
 
 bench=("$py" -m metaplast.bench --device "$device" --verbose --no-memory)
