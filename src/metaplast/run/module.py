@@ -836,9 +836,9 @@ def growth_gradients(
                 found[alive] = i + 1
         finite_steps[~known] = found
     for count in finite_steps.unique().tolist():
-        group = bad[finite_steps == count]
         if count == 0:
             continue
+        group = bad[finite_steps == count]
         with torch.enable_grad():
             seen = group.to(x_train.device), slice(0, count * batch)
             grown = inner_loop(
@@ -853,11 +853,10 @@ def growth_gradients(
             growth = sum(log_sum_squares([w[row] for w in grown.weights]) for row in range(len(group)))
             found_grads = torch.autograd.grad(growth, params, allow_unused=True)
         for grad, g in zip(grads, found_grads):
-            if g is None:
-                continue
-            for index in group.tolist():
-                if g[index].isfinite().all():
-                    grad[index] = g[index]
+            if g is not None:
+                rows = group.to(g.device)
+                rows = rows[finite_rows(g[rows], len(rows))]  # a non-finite row keeps its zeros
+                grad[rows] = g[rows]
     return grads
 
 
