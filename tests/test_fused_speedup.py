@@ -130,10 +130,37 @@ def can_build_extensions() -> bool:
 
 
 @pytest.mark.skipif(not can_build_extensions(), reason="no C++ compiler or no Python headers")
-def test_compiled_step_with_inductor_code_equals_autograd(monkeypatch):
-    """The same with the generated C++ of torch.compile's default backend (what trainer.compile runs)."""
+@pytest.mark.parametrize("extern_size", [None, 0])
+def test_compiled_step_with_inductor_code_equals_autograd(monkeypatch, extern_size):
+    """The same with the generated C++ of torch.compile's default backend (what trainer.compile
+    runs); at these sizes its own loops make every product, with ``EXTERN_PRODUCT_SIZE = 0`` the
+    operator ``metaplast::weight_product`` does (counted: it must run)."""
+    from metaplast.core import fused
+
     torch._dynamo.reset()
+    calls = []
+    if extern_size is not None:
+        monkeypatch.setattr(fused, "EXTERN_PRODUCT_SIZE", extern_size)
+        product = fused._product
+        monkeypatch.setattr(fused, "_product", lambda *args: calls.append(1) or product(*args))
     episode_compiled("inductor", monkeypatch, "bio", segment=5)
+    assert (len(calls) > 0) == (extern_size is not None)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_weight_product_operator_is_the_literal_product(rows, transposed):
+    """``metaplast::weight_product`` (the products compiled code leaves to ATen): ``v M^T`` or
+    ``v M`` per trial, its fake (meta) version and schema as torch.library's own check wants them."""
+    from metaplast.core import fused
+
+    v = torch.randn(3, rows, 6 if transposed else 5)
+    matrix = torch.randn(3, 5, 6)
+    out = torch.ops.metaplast.weight_product(v, matrix, transposed)
+    literal = torch.stack([x @ (m.T if transposed else m) for x, m in zip(v, matrix)])
+    assert torch.allclose(out, literal, rtol=1e-12, atol=1e-12) and out.is_contiguous()
+    torch.library.opcheck(torch.ops.metaplast.weight_product, (v, matrix, transposed))
+    assert torch.equal(fused._times(v, matrix, transposed), out)
 
 
 def test_compile_where_the_fused_estimator_does_not_apply_warns_and_uses_autograd():

@@ -49,14 +49,47 @@ def unsupported(learner: Learner, state: State, meta, truncate: int | None) -> s
     return None
 
 
-def _times_transposed(v: Tensor, matrix: Tensor) -> Tensor:
-    """``v matrix^T`` for ``v (T, B, m)``; for one or two rows as ``(matrix v^T)^T``, row-wise dot
-    products, which MKL runs near memory speed and about twice as fast as ``v matrix^T`` (a
-    20-trial layer-1 weight out of cache: 0.38 against 0.82 ms for one row, 0.57 against 1.17
-    for two, on the AMD host of benchmarks/README.md). Compiled code makes its own loops either way."""
-    if v.shape[1] > 2 or torch.compiler.is_compiling():
+def _product(v: Tensor, matrix: Tensor, transposed: bool) -> Tensor:
+    """``v matrix^T`` (``transposed``) or ``v matrix``, ``v (T, B, ·)``. ``v matrix^T`` with one or two
+    rows runs as ``(matrix v^T)^T``, row-wise dot products, which MKL runs near memory speed and
+    about twice as fast as ``v matrix^T`` (a 20-trial layer-1 weight out of cache: 0.38 against
+    0.82 ms for one row, 0.57 against 1.17 for two, on the AMD host of benchmarks/README.md)."""
+    if not transposed:
+        return v @ matrix
+    if v.shape[1] > 2:
         return v @ matrix.transpose(1, 2)
     return (matrix @ v.transpose(1, 2)).transpose(1, 2)
+
+
+#: :func:`_product` as an operator that ``torch.compile`` leaves to ATen (MKL). On a CPU, inductor
+#: runs a batched product with one row as its own loops (a multiply and a sum), and a ``baddbmm``,
+#: which it leaves to ATen, may get a vector with a zero stride, which sends ATen to a loop 8×
+#: slower than MKL. Defined on the dispatcher directly (no autograd: it is never differentiated),
+#: so that a call costs a few µs.
+_LIBRARY = torch.library.Library("metaplast", "DEF")
+_LIBRARY.define("weight_product(Tensor v, Tensor matrix, bool transposed) -> Tensor")
+_LIBRARY.impl("weight_product", lambda v, m, t: _product(v, m, t).contiguous(), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("metaplast::weight_product")
+def _(v, matrix, transposed):
+    return v.new_empty(*v.shape[:-1], matrix.shape[-2 if transposed else -1])
+
+
+#: Entries (all trials) from which a CPU matrix's products in compiled code run as
+#: ``metaplast::weight_product``; smaller ones are left to inductor's loops, which fuse with the
+#: step's other operations (bio, compiled, s per trial: 1 trial 0.41 with this threshold, 0.51
+#: with every product as the operator; 20 trials 0.13, 0.15 with the loops).
+EXTERN_PRODUCT_SIZE = 100_000
+
+
+def _times(v: Tensor, matrix: Tensor, transposed: bool = False) -> Tensor:
+    """``v matrix`` or ``v matrix^T`` (``transposed``) with a weight or feedback matrix: :func:`_product`,
+    in compiled code on a CPU as the operator ``metaplast::weight_product`` for a large matrix."""
+    large = matrix.device.type == "cpu" and matrix.numel() >= EXTERN_PRODUCT_SIZE
+    if large and torch.compiler.is_compiling():
+        return torch.ops.metaplast.weight_product(v, matrix, transposed)
+    return _product(v, matrix, transposed)
 
 
 def _grown(rows: Tensor | None, new: Tensor | None, keep: Tensor | None) -> Tensor | None:
@@ -79,7 +112,7 @@ class _LowRank:
     rewriting ``W``. Anything else asked of it (``.detach()``, ``.sign()``, ``.shape``: a pathway
     that reads the weight's entries, as sign feedback does) goes to the dense ``W_t``, built on
     first use. ``base_t``: ``base^T`` as its own contiguous tensor where one is kept (a feedback
-    matrix: fixed for the episode), so that ``v W_t`` reads it row-wise (:func:`_times_transposed`)."""
+    matrix: fixed for the episode), so that ``v W_t`` reads it row-wise (:func:`_product`)."""
 
     def __init__(self, base: Tensor, scale=None, lefts=None, rights=None, base_t=None):
         self.base, self.scale, self.lefts, self.rights, self.base_t = base, scale, lefts, rights, base_t
@@ -111,14 +144,14 @@ class _LowRank:
         scale must be per trial)."""
         if base_product is None:
             scaled = v if self.scale is None else v * self.scale.transpose(1, 2)
-            out = scaled @ self.base if self.base_t is None else _times_transposed(scaled, self.base_t)
+            out = _times(scaled, self.base) if self.base_t is None else _times(scaled, self.base_t, True)
         else:
             out = base_product if self.scale is None else base_product * self.scale
         return out if self.lefts is None else out.baddbmm(v @ self.lefts.transpose(1, 2), self.rights)
 
     def times_transposed(self, v: Tensor, base_product: Tensor | None = None) -> Tensor:
         """``v W_t^T`` (``v (T, B, m)``); ``base_product``: ``v base^T`` if already computed."""
-        out = _times_transposed(v, self.base) if base_product is None else base_product
+        out = _times(v, self.base, True) if base_product is None else base_product
         out = out if self.scale is None else out * self.scale.transpose(1, 2)
         return out if self.lefts is None else out.baddbmm(v @ self.rights.transpose(1, 2), self.lefts)
 
@@ -194,7 +227,7 @@ class _Recording(Products):
         return self._keep(("backward", index), self.weights[index].times(e))
 
     def send(self, index, e, matrix):  # e B^T
-        return self._keep(("send", index), _times_transposed(e, matrix))
+        return self._keep(("send", index), _times(e, matrix, True))
 
     def wt_y(self, index, y):
         return self._keep(("wt_y", index), self.weights[index].times(y))
