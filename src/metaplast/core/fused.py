@@ -124,9 +124,9 @@ class _LowRank:
             self._dense = self.dense()
         return getattr(self._dense, name)
 
-    def updated(self, left, right, decay) -> _LowRank:
-        """``W_{t+1} = W_t (1 - decay) + left^T right`` (the factors of :func:`update_factors`)."""
-        keep = None if decay is None else 1 - decay
+    def updated(self, left, right, keep) -> _LowRank:
+        """``W_{t+1} = W_t keep + left^T right`` (the factors of :func:`update_factors`; ``keep``:
+        ``1 - decay``, or None)."""
         scale = self.scale if keep is None else keep if self.scale is None else self.scale * keep
         lefts = _grown(self.lefts, left, None if keep is None else keep.transpose(1, 2))
         return _LowRank(self.base, scale, lefts, _grown(self.rights, right, None), self.base_t)
@@ -187,12 +187,12 @@ class _Adjoint(_LowRank):
         super().__init__(base, scale, lefts, rights)
         self.weight, self.base_inner, self.lefts_weight = weight, base_inner, lefts_weight
 
-    def updated(self, left, right, decay) -> _Adjoint:
-        step = super().updated(left, right, decay)
+    def updated(self, left, right, keep) -> _Adjoint:
+        step = super().updated(left, right, keep)
         lefts_weight = self.lefts_weight
         if self.weight is not None:  # per-trial decay: 1 - decay scales the rows as it does lefts
             product = None if left is None else left @ self.weight
-            lefts_weight = _grown(lefts_weight, product, None if decay is None else 1 - decay)
+            lefts_weight = _grown(lefts_weight, product, keep)
         return _Adjoint(*step.factors(), self.weight, self.base_inner, lefts_weight)
 
     def inner(self, weight: _LowRank, lefts_grad: Tensor | None) -> Tensor:
@@ -311,7 +311,10 @@ def _segment_weights(kept, records, start, stop):
     recorded factors: the same values as in the forward pass."""
     weights = [[_LowRank(w) for w in kept]]
     for step in range(start, stop - 1):
-        weights.append([w.updated(*f) for w, f in zip(weights[-1], records[step][1])])
+        _, factors, keeps = records[step]
+        weights.append(
+            [w.updated(left, right, keep) for w, (left, right, _), keep in zip(weights[-1], factors, keeps)]
+        )
     return weights
 
 
@@ -329,6 +332,7 @@ def _segment_adjoints(grads, kept, records, start, stop):
     for layer, (grad, weight) in enumerate(zip(grads, kept)):
         factors = [records[step][1][layer] for step in range(start, stop)]
         decays = [decay for _, _, decay in factors]
+        keeps = [records[step][2][layer] for step in range(start, stop)]
         if factors[0][0] is None or any(d is not None and d.shape[1] > 1 for d in decays):
             adjoints.append(grad)
             for products in per_step:
@@ -344,9 +348,9 @@ def _segment_adjoints(grads, kept, records, start, stop):
         else:  # per trial: Σ G ⊙ W_t from <G_stop, W_start> and products with the factors
             adjoints.append(_Adjoint(grad, weight=weight, base_inner=_trial_dots(grad, weight)))
             weight_lefts, current = [], None  # L_W G of each step's W_t, as _LowRank.updated builds L_W
-            for product, decay in zip(left_products, decays):
+            for product, keep in zip(left_products, keeps):
                 weight_lefts.append(current)
-                current = _grown(current, product, 1 - decay)
+                current = _grown(current, product, keep)
         for products, triple in zip(per_step, zip(left_products, right_products, weight_lefts)):
             products.append(triple)
     return adjoints, per_step
@@ -369,9 +373,11 @@ class _InnerLoop(torch.autograd.Function):
             weights = [_LowRank(w) for w in dense]
             for step in range(start, min(start + segment, steps)):
                 x, y = _step_data(x_train, y_train, step, batch)
-                outputs, factors = record_step(learner, weights, feedback, biases, theta, coefficients, x, y)
-                records[step] = (outputs, factors)
-                weights = [w.updated(*f) for w, f in zip(weights, factors)]
+                records[step] = record_step(learner, weights, feedback, biases, theta, coefficients, x, y)
+                _, factors, keeps = records[step]
+                weights = [
+                    w.updated(left, right, keep) for w, (left, right, _), keep in zip(weights, factors, keeps)
+                ]
             dense = [w.dense() for w in weights]
         ctx.spec, ctx.kept, ctx.records, ctx.steps, ctx.segment = spec, kept, records, steps, segment
         ctx.save_for_backward(theta, x_train, y_train, *feedback, *biases)
@@ -404,11 +410,21 @@ class _InnerLoop(torch.autograd.Function):
             inside = _segment_weights(kept, ctx.records, start, stop)
             grads, base_products = _segment_adjoints(grads, kept, ctx.records, start, stop)
             for step in reversed(range(start, stop)):
-                weights, (outputs, _) = inside.pop(), ctx.records.pop(step)
+                weights, (outputs, _, keeps) = inside.pop(), ctx.records.pop(step)
                 x, y = _step_data(x_train, y_train, step, batch)
                 state = State(weights, feedback, biases)
                 direct, per_layer = _backward_step(
-                    learner, state, outputs, leaf, coefficients, grads, base_products.pop(), x, y, replay_step
+                    learner,
+                    state,
+                    outputs,
+                    keeps,
+                    leaf,
+                    coefficients,
+                    grads,
+                    base_products.pop(),
+                    x,
+                    y,
+                    replay_step,
                 )
                 grad_theta += direct
                 for total, grad in zip(grad_coefficients, per_layer):
@@ -433,11 +449,12 @@ class _InnerLoop(torch.autograd.Function):
 
 def _record_step(learner, weights, feedback, biases, theta, coefficients, x, y):
     """One step's vector part with ``W_t`` as :class:`_LowRank` (outside autograd): its products by
-    ``(name, layer)`` and the update factors of every layer."""
+    ``(name, layer)``, the update factors of every layer and their decays' ``1 - decay`` (None
+    without a decay), made once here for every use the episode has for them."""
     products = _Recording(weights)
     state = State(weights, feedback, biases)
     factors, _, _ = learner.step_factors(state, {"theta": theta}, coefficients, x, y, products)
-    return products.outputs, factors
+    return products.outputs, factors, [None if decay is None else 1 - decay for _, _, decay in factors]
 
 
 def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y, feedback_t=()):
@@ -469,11 +486,13 @@ def compiled_steps(backend: str = COMPILE_BACKEND):
     return torch.compile(_record_step, backend=backend), torch.compile(_replay_step, backend=backend)
 
 
-def _backward_step(learner, state, outputs, theta, coefficients, grads, base_products, x, y, replay_step):
+def _backward_step(
+    learner, state, outputs, keeps, theta, coefficients, grads, base_products, x, y, replay_step
+):
     """Turn ``dL/dW_{t+1}`` (``grads``: an :class:`_Adjoint`, replaced, or a dense tensor, updated
     in place) into ``dL/dW_t``; return this step's gradients to ``theta`` (where used directly)
     and to each layer's ``coefficients`` (built from it). ``state.weights`` are :class:`_LowRank`;
-    ``base_products``: per layer the products with an adjoint's base (:func:`_segment_adjoints`)."""
+    ``keeps``: the step's recorded ``1 - decay`` per layer (:func:`_record_step`); ``base_products``: per layer the products with an adjoint's base (:func:`_segment_adjoints`)."""
     with torch.enable_grad():
         leaves = [c.detach().requires_grad_() for c in coefficients]
         outputs = {key: out.detach().requires_grad_() for key, out in outputs.items()}
@@ -512,13 +531,13 @@ def _backward_step(learner, state, outputs, theta, coefficients, grads, base_pro
         if grad is not None:
             v = vectors[name, index].detach()
             sinks[index].append((grad, v) if name == "forward" else (v, grad))
-    for layer, (grad, sink, (_, _, decay)) in enumerate(zip(grads, sinks, factors)):
+    for layer, (grad, sink, keep) in enumerate(zip(grads, sinks, keeps)):
         lefts, rights = (torch.cat(side, 1) for side in zip(*sink)) if sink else (None, None)
         if isinstance(grad, _Adjoint):
-            grads[layer] = grad.updated(lefts, rights, None if decay is None else decay.detach())
+            grads[layer] = grad.updated(lefts, rights, keep)
             continue
-        if decay is not None:
-            grad.mul_(1 - decay.detach())
+        if keep is not None:
+            grad.mul_(keep)
         if sink:
             grad.baddbmm_(lefts.transpose(1, 2), rights)
     per_layer = [torch.zeros_like(c) if g is None else g for c, g in zip(coefficients, per_layer)]
