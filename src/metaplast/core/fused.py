@@ -136,8 +136,11 @@ class _LowRank:
 
     def dense(self) -> Tensor:
         """``W_t`` as one tensor (a new one unless there is nothing to add to ``base``)."""
-        base = self.base if self.scale is None else self.base * self.scale
-        return base if self.lefts is None else torch.baddbmm(base, self.lefts.transpose(1, 2), self.rights)
+        if self.lefts is None:
+            return self.base if self.scale is None else self.base * self.scale
+        if self.scale is None:
+            return torch.baddbmm(self.base, self.lefts.transpose(1, 2), self.rights)
+        return (self.base * self.scale).baddbmm_(self.lefts.transpose(1, 2), self.rights)  # no extra copy
 
     def times(self, v: Tensor, base_product: Tensor | None = None) -> Tensor:
         """``v W_t`` (``v (T, B, n)``); ``base_product``: ``v base`` if already computed (then the
@@ -178,30 +181,32 @@ class _Adjoint(_LowRank):
     """``dL/dW_t`` inside a recomputation segment: ``dL/dW_stop`` plus the factors of the steps
     since (:class:`_LowRank`, built backwards), and, for a layer with a decay, what its gradient
     ``Σ G ⊙ W_t`` needs without a pass over ``G``: ``weight`` (``W_start``, the base of the
-    segment's weights), ``<G_stop, W_start>`` per trial (``base_inner``) and ``lefts W_start``
-    (``lefts_weight``, kept in step with ``lefts``)."""
+    segment's weights), ``<G_stop, W_start>`` per trial (``base_inner``) and ``<L^T R, W_start>``
+    of the factors since (``factors_inner``, per trial, kept in step with ``lefts``)."""
 
     def __init__(
-        self, base, scale=None, lefts=None, rights=None, weight=None, base_inner=None, lefts_weight=None
+        self, base, scale=None, lefts=None, rights=None, weight=None, base_inner=None, factors_inner=None
     ):
         super().__init__(base, scale, lefts, rights)
-        self.weight, self.base_inner, self.lefts_weight = weight, base_inner, lefts_weight
+        self.weight, self.base_inner, self.factors_inner = weight, base_inner, factors_inner
 
     def updated(self, left, right, keep) -> _Adjoint:
         step = super().updated(left, right, keep)
-        lefts_weight = self.lefts_weight
+        inner = self.factors_inner
         if self.weight is not None:  # per-trial decay: 1 - decay scales the rows as it does lefts
-            product = None if left is None else left @ self.weight
-            lefts_weight = _grown(lefts_weight, product, keep)
-        return _Adjoint(*step.factors(), self.weight, self.base_inner, lefts_weight)
+            inner = inner if inner is None or keep is None else inner * keep
+            if left is not None:  # <left^T right, W_start> = Σ left ⊙ (right W_start^T), row-wise
+                new = (left * _times(right, self.weight, True)).sum((1, 2)).view(-1, 1, 1)
+                inner = new if inner is None else inner + new
+        return _Adjoint(*step.factors(), self.weight, self.base_inner, inner)
 
     def inner(self, weight: _LowRank, lefts_grad: Tensor | None) -> Tensor:
         """``Σ G ⊙ W_t`` per trial ``(T, 1, 1)`` (per-trial scales) with ``W_t = weight``:
-        ``s_W (s_G <G_stop, W_start> + Σ (L_G W_start) ⊙ R_G) + Σ (L_W G) ⊙ R_W`` (``lefts_grad``:
+        ``s_W (s_G <G_stop, W_start> + <L_G^T R_G, W_start>) + Σ (L_W G) ⊙ R_W`` (``lefts_grad``:
         ``L_W G``)."""
         total = self.base_inner if self.scale is None else self.base_inner * self.scale
-        if self.lefts is not None:
-            total = total + (self.lefts_weight * self.rights).sum((1, 2)).view(-1, 1, 1)
+        if self.factors_inner is not None:
+            total = total + self.factors_inner
         total = total if weight.scale is None else total * weight.scale
         if weight.lefts is not None:
             total = total + (lefts_grad * weight.rights).sum((1, 2)).view(-1, 1, 1)
@@ -492,7 +497,8 @@ def _backward_step(
     """Turn ``dL/dW_{t+1}`` (``grads``: an :class:`_Adjoint`, replaced, or a dense tensor, updated
     in place) into ``dL/dW_t``; return this step's gradients to ``theta`` (where used directly)
     and to each layer's ``coefficients`` (built from it). ``state.weights`` are :class:`_LowRank`;
-    ``keeps``: the step's recorded ``1 - decay`` per layer (:func:`_record_step`); ``base_products``: per layer the products with an adjoint's base (:func:`_segment_adjoints`)."""
+    ``keeps``: the step's recorded ``1 - decay`` per layer (:func:`_record_step`);
+    ``base_products``: per layer the products with an adjoint's base (:func:`_segment_adjoints`)."""
     with torch.enable_grad():
         leaves = [c.detach().requires_grad_() for c in coefficients]
         outputs = {key: out.detach().requires_grad_() for key, out in outputs.items()}
