@@ -78,9 +78,10 @@ def _(v, matrix, transposed):
 
 #: Entries (all trials) from which a CPU matrix's products in compiled code run as
 #: ``metaplast::weight_product``; smaller ones are left to inductor's loops, which fuse with the
-#: step's other operations (bio, compiled, s per trial: 1 trial 0.41 with this threshold, 0.51
-#: with every product as the operator; 20 trials 0.13, 0.15 with the loops).
-EXTERN_PRODUCT_SIZE = 100_000
+#: step's other operations. At 20 trials of the paper's sizes layers 1-3 pass it, at 1 trial none:
+#: with 100 000 a single trial's layer 1 (133 280) went through the operator and pool's 1-trial
+#: compiled episode slowed from 0.86 to 1.07 s per trial (alternating processes).
+EXTERN_PRODUCT_SIZE = 200_000
 
 
 def _times(v: Tensor, matrix: Tensor, transposed: bool = False) -> Tensor:
