@@ -337,9 +337,8 @@ def _segment_adjoints(grads, kept, records, start, stop):
     adjoints, per_step = [], [[] for _ in range(start, stop)]
     for layer, (grad, weight) in enumerate(zip(grads, kept)):
         factors = [records[step][1][layer] for step in range(start, stop)]
-        decays = [decay for _, _, decay in factors]
-        keeps = [records[step][2][layer] for step in range(start, stop)]
-        if factors[0][0] is None or any(d is not None and d.shape[1] > 1 for d in decays):
+        keeps = [records[step][2][layer] for step in range(start, stop)]  # 1 - decay, None without
+        if factors[0][0] is None or any(k is not None and k.shape[1] > 1 for k in keeps):
             adjoints.append(grad)
             for products in per_step:
                 products.append(None)
@@ -348,7 +347,7 @@ def _segment_adjoints(grads, kept, records, start, stop):
         sizes = [left.shape[1] for left in lefts]
         left_products = (torch.cat(lefts, 1) @ grad).split(sizes, 1)
         right_products = (torch.cat(rights, 1) @ grad.transpose(1, 2)).split(sizes, 1)
-        if decays[0] is None:
+        if keeps[0] is None:
             adjoints.append(_Adjoint(grad))
             weight_lefts = [None] * len(factors)
         else:  # per trial: Σ G ⊙ W_t from <G_stop, W_start> and products with the factors
