@@ -391,7 +391,7 @@ class _InnerLoop(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_adapted):
-        learner, batch, _, depth, n_feedback, (_, replay_step) = ctx.spec
+        learner, batch, _, depth, n_feedback, (_, backward_step) = ctx.spec
         theta, x_train, y_train, *rest = ctx.saved_tensors
         feedback, biases = rest[:n_feedback], rest[n_feedback:]
         steps, segment = ctx.steps, ctx.segment
@@ -408,7 +408,6 @@ class _InnerLoop(torch.autograd.Function):
         grad_coefficients = [torch.zeros_like(c) for c in coefficients]
         # the replay's v B (the gradient of a sent e B^T) reads B^T row-wise: one copy per episode
         feedback_t = [b.transpose(-1, -2).contiguous() for b in feedback]
-        replay_step = functools.partial(replay_step, feedback_t=feedback_t)
         for start in reversed(range(0, steps, segment)):
             stop = min(start + segment, steps)
             kept = ctx.kept.pop(start)
@@ -418,18 +417,9 @@ class _InnerLoop(torch.autograd.Function):
                 weights, (outputs, _, keeps) = inside.pop(), ctx.records.pop(step)
                 x, y = _step_data(x_train, y_train, step, batch)
                 state = State(weights, feedback, biases)
-                direct, per_layer = _backward_step(
-                    learner,
-                    state,
-                    outputs,
-                    keeps,
-                    leaf,
-                    coefficients,
-                    grads,
-                    base_products.pop(),
-                    x,
-                    y,
-                    replay_step,
+                products = base_products.pop()
+                direct, per_layer = backward_step(
+                    learner, state, outputs, keeps, leaf, coefficients, grads, products, x, y, feedback_t
                 )
                 grad_theta += direct
                 for total, grad in zip(grad_coefficients, per_layer):
@@ -462,7 +452,7 @@ def _record_step(learner, weights, feedback, biases, theta, coefficients, x, y):
     return products.outputs, factors, [None if decay is None else 1 - decay for _, _, decay in factors]
 
 
-def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y, feedback_t=()):
+def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y, feedback_t):
     """The same step again under autograd on the stored ``outputs`` (leaves): the update factors
     and the vector argument of every product (``feedback_t``: the feedback matrices' contiguous
     transposes)."""
@@ -484,26 +474,37 @@ COMPILE_BACKEND = "inductor"
 
 @functools.cache
 def compiled_steps(backend: str = COMPILE_BACKEND):
-    """:func:`_record_step` and :func:`_replay_step` under ``torch.compile`` (``trainer.compile``):
-    one compiled function each instead of hundreds of small operators per step. Two graphs each
-    (a segment's first step, whose weights have no factors yet, and the others, whose factor
-    count varies: a dynamic dimension), compiled once per process and trial count."""
-    return torch.compile(_record_step, backend=backend), torch.compile(_replay_step, backend=backend)
+    """:func:`_record_step` and :func:`_backward_step` under ``torch.compile`` (``trainer.compile``):
+    one compiled function each instead of hundreds of small operators per step. The backward step
+    is one graph with the replay's ``torch.autograd.grad`` in it (traced: Dynamo's
+    ``trace_autograd_ops``, set for its calls only), its adjoint products and factors; compiled
+    apart, the replay's forward and backward were two calls with the step's Python between them.
+    A few graphs each (a segment's first step, whose weights have no factors yet, and the
+    others, whose factor count varies: a dynamic dimension), compiled once per process and
+    trial count."""
+    backward_step = torch.compile(_backward_step, backend=backend)
+
+    def traced_backward_step(*args):
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return backward_step(*args)
+
+    return torch.compile(_record_step, backend=backend), traced_backward_step
 
 
 def _backward_step(
-    learner, state, outputs, keeps, theta, coefficients, grads, base_products, x, y, replay_step
+    learner, state, outputs, keeps, theta, coefficients, grads, base_products, x, y, feedback_t
 ):
     """Turn ``dL/dW_{t+1}`` (``grads``: an :class:`_Adjoint`, replaced, or a dense tensor, updated
     in place) into ``dL/dW_t``; return this step's gradients to ``theta`` (where used directly)
     and to each layer's ``coefficients`` (built from it). ``state.weights`` are :class:`_LowRank`;
     ``keeps``: the step's recorded ``1 - decay`` per layer (:func:`_record_step`);
-    ``base_products``: per layer the products with an adjoint's base (:func:`_segment_adjoints`)."""
+    ``base_products``: per layer the products with an adjoint's base (:func:`_segment_adjoints`);
+    ``feedback_t``: the feedback matrices' contiguous transposes (:func:`_replay_step`)."""
     with torch.enable_grad():
         leaves = [c.detach().requires_grad_() for c in coefficients]
         outputs = {key: out.detach().requires_grad_() for key, out in outputs.items()}
-        factors, vectors = replay_step(
-            learner, state.weights, state.feedback, state.biases, theta, leaves, outputs, x, y
+        factors, vectors = _replay_step(
+            learner, state.weights, state.feedback, state.biases, theta, leaves, outputs, x, y, feedback_t
         )
         results, grad_outputs = [], []
         for weight, grad, products, (left, right, decay) in zip(state.weights, grads, base_products, factors):
@@ -575,7 +576,7 @@ def adapt(
         with torch.no_grad():
             steps = math.ceil(x_train.shape[1] / batch)
             return _unrolled(learner, theta, state, x_train, y_train, batch, steps)
-    step_functions = compiled_steps(COMPILE_BACKEND) if compile else (_record_step, _replay_step)
+    step_functions = compiled_steps(COMPILE_BACKEND) if compile else (_record_step, _backward_step)
     spec = (learner, batch, recompute_segment, len(state.weights), len(state.feedback), step_functions)
     weights = _InnerLoop.apply(spec, theta, x_train, y_train, *state.weights, *state.feedback, *state.biases)
     return State(list(weights), state.feedback, state.biases)
