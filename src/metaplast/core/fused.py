@@ -135,13 +135,17 @@ class _LowRank:
     def factors(self) -> tuple:
         return self.base, self.scale, self.lefts, self.rights
 
-    def dense(self) -> Tensor:
-        """``W_t`` as one tensor (a new one unless there is nothing to add to ``base``)."""
+    def dense(self, in_place: bool = False) -> Tensor:
+        """``W_t`` as one tensor: a new one unless there is nothing to add to ``base``, or ``base``
+        itself, overwritten (``in_place``: no allocation and copy of a ``W``-sized tensor)."""
+        base, scale = self.base, self.scale
+        if scale is not None:
+            base = base.mul_(scale) if in_place else base * scale
         if self.lefts is None:
-            return self.base if self.scale is None else self.base * self.scale
-        if self.scale is None:
-            return torch.baddbmm(self.base, self.lefts.transpose(1, 2), self.rights)
-        return (self.base * self.scale).baddbmm_(self.lefts.transpose(1, 2), self.rights)  # no extra copy
+            return base
+        if in_place or scale is not None:  # a tensor of our own: no extra copy
+            return base.baddbmm_(self.lefts.transpose(1, 2), self.rights)
+        return torch.baddbmm(base, self.lefts.transpose(1, 2), self.rights)
 
     def times(self, v: Tensor, base_product: Tensor | None = None) -> Tensor:
         """``v W_t`` (``v (T, B, n)``); ``base_product``: ``v base`` if already computed (then the
@@ -366,7 +370,7 @@ class _InnerLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, theta, x_train, y_train, *tensors):
-        learner, batch, segment, depth, n_feedback, (record_step, _) = spec
+        learner, batch, segment, depth, n_feedback, (forward_step, _) = spec
         feedback = list(tensors[depth : depth + n_feedback])
         biases = list(tensors[depth + n_feedback :])
         steps = math.ceil(x_train.shape[1] / batch)
@@ -378,11 +382,9 @@ class _InnerLoop(torch.autograd.Function):
             weights = [_LowRank(w) for w in dense]
             for step in range(start, min(start + segment, steps)):
                 x, y = _step_data(x_train, y_train, step, batch)
-                records[step] = record_step(learner, weights, feedback, biases, theta, coefficients, x, y)
-                _, factors, keeps = records[step]
-                weights = [
-                    w.updated(left, right, keep) for w, (left, right, _), keep in zip(weights, factors, keeps)
-                ]
+                records[step], weights = forward_step(
+                    learner, weights, feedback, biases, theta, coefficients, x, y
+                )
             dense = [w.dense() for w in weights]
         ctx.spec, ctx.kept, ctx.records, ctx.steps, ctx.segment = spec, kept, records, steps, segment
         ctx.save_for_backward(theta, x_train, y_train, *feedback, *biases)
@@ -424,7 +426,8 @@ class _InnerLoop(torch.autograd.Function):
                 grad_theta += direct
                 for total, grad in zip(grad_coefficients, per_layer):
                     total += grad
-            grads = [g.dense() if isinstance(g, _Adjoint) else g for g in grads]
+            # the segment's dense dL/dW_start over the dL/dW_stop it was built on (ours, used no more)
+            grads = [g.dense(in_place=True) if isinstance(g, _Adjoint) else g for g in grads]
         with torch.enable_grad():
             pairs = [(c, g) for c, g in zip(coefficients, grad_coefficients) if c.requires_grad]
             if pairs:
@@ -452,6 +455,15 @@ def _record_step(learner, weights, feedback, biases, theta, coefficients, x, y):
     return products.outputs, factors, [None if decay is None else 1 - decay for _, _, decay in factors]
 
 
+def _forward_step(learner, weights, feedback, biases, theta, coefficients, x, y):
+    """One step of the forward pass: its record (:func:`_record_step`) and the next step's weights
+    (:meth:`_LowRank.updated`)."""
+    record = _record_step(learner, weights, feedback, biases, theta, coefficients, x, y)
+    _, factors, keeps = record
+    updated = [w.updated(left, right, keep) for w, (left, right, _), keep in zip(weights, factors, keeps)]
+    return record, updated
+
+
 def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y, feedback_t):
     """The same step again under autograd on the stored ``outputs`` (leaves): the update factors
     and the vector argument of every product (``feedback_t``: the feedback matrices' contiguous
@@ -474,7 +486,7 @@ COMPILE_BACKEND = "inductor"
 
 @functools.cache
 def compiled_steps(backend: str = COMPILE_BACKEND):
-    """:func:`_record_step` and :func:`_backward_step` under ``torch.compile`` (``trainer.compile``):
+    """:func:`_forward_step` and :func:`_backward_step` under ``torch.compile`` (``trainer.compile``):
     one compiled function each instead of hundreds of small operators per step. The backward step
     is one graph with the replay's ``torch.autograd.grad`` in it (traced: Dynamo's
     ``trace_autograd_ops``, set for its calls only), its adjoint products and factors; compiled
@@ -488,7 +500,7 @@ def compiled_steps(backend: str = COMPILE_BACKEND):
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             return backward_step(*args)
 
-    return torch.compile(_record_step, backend=backend), traced_backward_step
+    return torch.compile(_forward_step, backend=backend), traced_backward_step
 
 
 def _backward_step(
@@ -576,7 +588,7 @@ def adapt(
         with torch.no_grad():
             steps = math.ceil(x_train.shape[1] / batch)
             return _unrolled(learner, theta, state, x_train, y_train, batch, steps)
-    step_functions = compiled_steps(COMPILE_BACKEND) if compile else (_record_step, _backward_step)
+    step_functions = compiled_steps(COMPILE_BACKEND) if compile else (_forward_step, _backward_step)
     spec = (learner, batch, recompute_segment, len(state.weights), len(state.feedback), step_functions)
     weights = _InnerLoop.apply(spec, theta, x_train, y_train, *state.weights, *state.feedback, *state.biases)
     return State(list(weights), state.feedback, state.biases)
