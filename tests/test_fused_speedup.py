@@ -87,6 +87,29 @@ def test_fused_without_grad_leaves_the_callers_weights_unchanged():
     assert all(torch.equal(w, b) for w, b in zip(weights, before))
 
 
+@pytest.mark.parametrize("rule", ["pool", "bio"])
+def test_fused_backward_leaves_the_incoming_gradient_unchanged(rule):
+    """A segment's dense adjoint is built in place over the one it grew from: never over the
+    caller's ``dL/dW_T``, which the meta-gradient must leave as it was given (and equal autograd's
+    vector-Jacobian products of the same ``dL/dW_T``)."""
+    learner = learner_for("fa", SIZES, rule)
+    weights = [w.requires_grad_() for w in init_weights(SIZES, generators(2))]
+    feedback = learner.pathway.init_feedback(SIZES, generators(2, seed=7))
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(2, STEPS, SIZES[0], generator=g), torch.randint(0, SIZES[-1], (2, STEPS), generator=g)
+    theta = torch.full((2, len(learner.rule.terms)), 0.02).requires_grad_()
+    incoming = [torch.randn(w.shape, generator=g) for w in weights]
+    given = [v.clone() for v in incoming]
+    results = {}
+    for estimator in ("autograd", "fused"):
+        adapted = inner_loop(
+            learner, State(weights, feedback), {"theta": theta}, x, y, estimator, recompute_segment=4
+        )
+        results[estimator] = torch.autograd.grad(adapted.weights, [theta, *weights], incoming)
+        assert all(torch.equal(v, c) for v, c in zip(incoming, given))
+    assert max(relative(a, b) for a, b in zip(results["fused"], results["autograd"])) <= 1e-10
+
+
 def live_tensors() -> int:
     gc.collect()
     return sum(torch.is_tensor(o) for o in gc.get_objects())
