@@ -4,6 +4,7 @@ grow), the backward pass rebuilds them from the recorded factors, the no-grad lo
 place, and none touches the caller's weights (float64, against autograd)."""
 
 import gc
+import logging
 import shutil
 import sysconfig
 from pathlib import Path
@@ -144,6 +145,36 @@ def test_compiled_step_traces_to_the_same_meta_gradient(rule, monkeypatch):
     code generation) give autograd's numbers; a segment's factor count varies from step to step."""
     torch._dynamo.reset()
     episode_compiled("aot_eager", monkeypatch, rule)
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_compiled_steps_compile_every_configuration_of_a_process(monkeypatch):
+    """Rules and trial counts one after another in one process (the bench runs four), each taking
+    several graphs of the backward step: none may hit Dynamo's recompile limit, past which it
+    silently runs the step eagerly (with the default limit of 8 this fails)."""
+    from metaplast.core import fused
+
+    torch._dynamo.reset()
+    fused.compiled_steps.cache_clear()  # compiled anew, with the limit of now
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", "aot_eager")
+    warnings = _Warnings()
+    logger = logging.getLogger("torch._dynamo.convert_frame")  # Dynamo's loggers do not propagate
+    logger.addHandler(warnings)
+    try:
+        for rule, trials in [("pool", 1), ("bio", 1), ("pool", 3)]:
+            episode("fused", 4, rule, trials=trials, learn_init=False, compile=True)
+    finally:
+        logger.removeHandler(warnings)
+        fused.compiled_steps.cache_clear()
+    assert not [m for m in warnings.messages if "recompile_limit" in m], warnings.messages
 
 
 def can_build_extensions() -> bool:

@@ -484,6 +484,14 @@ RECOMPUTE_SEGMENT = 8
 COMPILE_BACKEND = "inductor"
 
 
+#: Graphs Dynamo may compile of each step function (``torch.compile``'s ``recompile_limit``; the
+#: global default is 8). A rule and trial count take up to ~7 graphs of the backward step (the
+#: segment's last, inner and first steps, each first with fixed then with dynamic factor counts),
+#: so a process that runs several (the bench: two rules × two trial counts) went past 8 and
+#: Dynamo silently ran the rest eagerly (pool 1 trial "compiled" 2.2 s against 0.6 s).
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compiled_steps(backend: str = COMPILE_BACKEND):
     """:func:`_forward_step` and :func:`_backward_step` under ``torch.compile`` (``trainer.compile``):
@@ -492,15 +500,16 @@ def compiled_steps(backend: str = COMPILE_BACKEND):
     ``trace_autograd_ops``, set for its calls only), its adjoint products and factors; compiled
     apart, the replay's forward and backward were two calls with the step's Python between them.
     A few graphs each (a segment's first step, whose weights have no factors yet, and the
-    others, whose factor count varies: a dynamic dimension), compiled once per process and
-    trial count."""
-    backward_step = torch.compile(_backward_step, backend=backend)
+    others, whose factor count varies: a dynamic dimension), compiled once per process, rule and
+    trial count (at most :data:`RECOMPILE_LIMIT`)."""
+    forward_step = torch.compile(_forward_step, backend=backend, recompile_limit=RECOMPILE_LIMIT)
+    backward_step = torch.compile(_backward_step, backend=backend, recompile_limit=RECOMPILE_LIMIT)
 
     def traced_backward_step(*args):
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             return backward_step(*args)
 
-    return torch.compile(_forward_step, backend=backend), traced_backward_step
+    return forward_step, traced_backward_step
 
 
 def _backward_step(
