@@ -321,10 +321,7 @@ def _segment_weights(kept, records, start, stop):
     recorded factors: the same values as in the forward pass."""
     weights = [[_LowRank(w) for w in kept]]
     for step in range(start, stop - 1):
-        _, factors, keeps = records[step]
-        weights.append(
-            [w.updated(left, right, keep) for w, (left, right, _), keep in zip(weights[-1], factors, keeps)]
-        )
+        weights.append(_next_weights(weights[-1], records[step]))
     return weights
 
 
@@ -455,13 +452,17 @@ def _record_step(learner, weights, feedback, biases, theta, coefficients, x, y):
     return products.outputs, factors, [None if decay is None else 1 - decay for _, _, decay in factors]
 
 
-def _forward_step(learner, weights, feedback, biases, theta, coefficients, x, y):
-    """One step of the forward pass: its record (:func:`_record_step`) and the next step's weights
-    (:meth:`_LowRank.updated`)."""
-    record = _record_step(learner, weights, feedback, biases, theta, coefficients, x, y)
+def _next_weights(weights, record):
+    """The :class:`_LowRank` weights of the step after the one ``record`` (:func:`_record_step`)
+    holds: each grown by that step's update factors and ``1 - decay``."""
     _, factors, keeps = record
-    updated = [w.updated(left, right, keep) for w, (left, right, _), keep in zip(weights, factors, keeps)]
-    return record, updated
+    return [w.updated(left, right, keep) for w, (left, right, _), keep in zip(weights, factors, keeps)]
+
+
+def _forward_step(learner, weights, feedback, biases, theta, coefficients, x, y):
+    """One step of the forward pass: its record (:func:`_record_step`) and the next step's weights."""
+    record = _record_step(learner, weights, feedback, biases, theta, coefficients, x, y)
+    return record, _next_weights(weights, record)
 
 
 def _replay_step(learner, weights, feedback, biases, theta, leaves, outputs, x, y, feedback_t):
