@@ -174,21 +174,26 @@ def can_build_extensions() -> bool:
 
 
 @pytest.mark.skipif(not can_build_extensions(), reason="no C++ compiler or no Python headers")
-@pytest.mark.parametrize("extern_size", [None, 0])
-def test_compiled_step_with_inductor_code_equals_autograd(monkeypatch, extern_size):
+@pytest.mark.parametrize("through", [None, "operator", "written vectors"])
+def test_compiled_step_with_inductor_code_equals_autograd(monkeypatch, through):
     """The same with the generated C++ of torch.compile's default backend (what trainer.compile
     runs); at these sizes its own loops make every product, with ``EXTERN_PRODUCT_SIZE = 0`` the
-    operator ``metaplast::weight_product`` does (counted: it must run)."""
+    operator ``metaplast::weight_product`` does, with ``REALIZED_VECTOR_SIZE = 0`` they do with
+    every vector written to memory first (counted: each must run)."""
     from metaplast.core import fused
 
     torch._dynamo.reset()
     calls = []
-    if extern_size is not None:
-        monkeypatch.setattr(fused, "EXTERN_PRODUCT_SIZE", extern_size)
+    if through == "operator":
+        monkeypatch.setattr(fused, "EXTERN_PRODUCT_SIZE", 0)
         product = fused._product
         monkeypatch.setattr(fused, "_product", lambda *args: calls.append(1) or product(*args))
+    if through == "written vectors":
+        monkeypatch.setattr(fused, "REALIZED_VECTOR_SIZE", 0)
+        written = fused._written
+        monkeypatch.setattr(fused, "_written", lambda v: calls.append(1) or written(v))
     episode_compiled("inductor", monkeypatch, "bio", segment=5)
-    assert (len(calls) > 0) == (extern_size is not None)
+    assert (len(calls) > 0) == (through is not None)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])

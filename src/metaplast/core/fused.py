@@ -84,13 +84,33 @@ def _(v, matrix, transposed):
 EXTERN_PRODUCT_SIZE = 200_000
 
 
+#: Entries per trial from which a CPU matrix's product in compiled code below
+#: :data:`EXTERN_PRODUCT_SIZE` first writes its vector to memory (inductor's
+#: ``prims.inductor_force_stride_order``, which realizes a buffer). Inductor runs such a one-row
+#: product as a multiply and a sum over the matrix and computes the vector inside that loop, so an
+#: expression (a ``softplus`` derivative, say) was recomputed for every row: at 1 trial a layer-1
+#: product of the bio rule's backward step took 179 µs. With the vector written first, 1-trial
+#: compiled episodes went from 0.38 to 0.26 s (bio) and 0.47 to 0.39 s (pool) per trial
+#: (alternating processes, benchmarks/README.md). At 20 trials the paper's matrices this size are
+#: already :data:`EXTERN_PRODUCT_SIZE`'s (layers 1-3); layers 4-5 stay as they were.
+REALIZED_VECTOR_SIZE = 10_000
+
+
 def _times(v: Tensor, matrix: Tensor, transposed: bool = False) -> Tensor:
     """``v matrix`` or ``v matrix^T`` (``transposed``) with a weight or feedback matrix: :func:`_product`,
     in compiled code on a CPU as the operator ``metaplast::weight_product`` for a large matrix."""
-    large = matrix.device.type == "cpu" and matrix.numel() >= EXTERN_PRODUCT_SIZE
-    if large and torch.compiler.is_compiling():
+    compiled_cpu = matrix.device.type == "cpu" and torch.compiler.is_compiling()
+    if compiled_cpu and matrix.numel() >= EXTERN_PRODUCT_SIZE:
         return torch.ops.metaplast.weight_product(v, matrix, transposed)
+    if compiled_cpu and matrix.shape[-2] * matrix.shape[-1] >= REALIZED_VECTOR_SIZE:
+        v = _written(v)
     return _product(v, matrix, transposed)
+
+
+def _written(v: Tensor) -> Tensor:
+    """``v``, in compiled code a buffer of its own that inductor computes once (not an expression
+    it may recompute inside the loops of a product: :data:`REALIZED_VECTOR_SIZE`)."""
+    return torch.ops.prims.inductor_force_stride_order(v, v.stride())
 
 
 def _grown(rows: Tensor | None, new: Tensor | None, keep: Tensor | None) -> Tensor | None:
@@ -503,6 +523,8 @@ def compiled_steps(backend: str = COMPILE_BACKEND):
     A few graphs each (a segment's first step, whose weights have no factors yet, and the
     others, whose factor count varies: a dynamic dimension), compiled once per process, rule and
     trial count (at most :data:`RECOMPILE_LIMIT`)."""
+    import torch._inductor.inductor_prims  # noqa: F401  (defines prims.inductor_force_stride_order: _times)
+
     forward_step = torch.compile(_forward_step, backend=backend, recompile_limit=RECOMPILE_LIMIT)
     backward_step = torch.compile(_backward_step, backend=backend, recompile_limit=RECOMPILE_LIMIT)
 
