@@ -89,10 +89,10 @@ EXTERN_PRODUCT_SIZE = 200_000
 #: ``prims.inductor_force_stride_order``, which realizes a buffer). Inductor runs such a one-row
 #: product as a multiply and a sum over the matrix and computes the vector inside that loop, so an
 #: expression (a ``softplus`` derivative, say) was recomputed for every row: at 1 trial a layer-1
-#: product of the bio rule's backward step took 179 µs. With the vector written first, 1-trial
-#: compiled episodes went from 0.38 to 0.26 s (bio) and 0.47 to 0.39 s (pool) per trial
-#: (alternating processes, benchmarks/README.md). At 20 trials the paper's matrices this size are
-#: already :data:`EXTERN_PRODUCT_SIZE`'s (layers 1-3); layers 4-5 stay as they were.
+#: product of the bio rule's backward step took 179 µs (21 µs with the vector written first), and
+#: 1-trial compiled episodes went from 0.34-0.36 to 0.25-0.28 s (bio) and from 0.50-0.70 to
+#: 0.38-0.55 s (pool) per trial (alternating processes, benchmarks/README.md). At 20 trials the
+#: paper's matrices this size (layers 1-3) go to ``metaplast::weight_product`` already.
 REALIZED_VECTOR_SIZE = 10_000
 
 
@@ -528,8 +528,10 @@ def compiled_steps(backend: str = COMPILE_BACKEND):
     forward_step = torch.compile(_forward_step, backend=backend, recompile_limit=RECOMPILE_LIMIT)
     backward_step = torch.compile(_backward_step, backend=backend, recompile_limit=RECOMPILE_LIMIT)
 
+    tracing_autograd = torch._dynamo.config.patch(trace_autograd_ops=True)  # made once: 24 µs a call
+
     def traced_backward_step(*args):
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with tracing_autograd:
             return backward_step(*args)
 
     return forward_step, traced_backward_step
