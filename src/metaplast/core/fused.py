@@ -98,7 +98,8 @@ REALIZED_VECTOR_SIZE = 10_000
 
 def _times(v: Tensor, matrix: Tensor, transposed: bool = False) -> Tensor:
     """``v matrix`` or ``v matrix^T`` (``transposed``) with a weight or feedback matrix: :func:`_product`,
-    in compiled code on a CPU as the operator ``metaplast::weight_product`` for a large matrix."""
+    in compiled code on a CPU as the operator ``metaplast::weight_product`` for a large matrix and
+    with ``v`` computed first (:func:`_written`) for a middling one."""
     compiled_cpu = matrix.device.type == "cpu" and torch.compiler.is_compiling()
     if compiled_cpu and matrix.numel() >= EXTERN_PRODUCT_SIZE:
         return torch.ops.metaplast.weight_product(v, matrix, transposed)
