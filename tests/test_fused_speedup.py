@@ -71,6 +71,27 @@ def test_fused_with_in_place_updates_and_rebuilt_weights_equals_autograd(rule, s
     assert max(relative(a, b) for a, b in zip(g_fused, g_auto)) <= 1e-10
 
 
+@pytest.mark.parametrize("rule", ["pool", "bio"])
+@pytest.mark.parametrize("segment", [0, 1, 4, 5])
+def test_fused_with_a_segments_input_products_made_ahead_equals_autograd(rule, segment, monkeypatch):
+    """``x W_start^T`` of all a segment's steps made in one product at its start (every first
+    weight: ``SEGMENT_INPUT_PRODUCT_SIZE = 0``, counted): the same weights and meta-gradient."""
+    from metaplast.core import fused
+
+    monkeypatch.setattr(fused, "SEGMENT_INPUT_PRODUCT_SIZE", 0)
+    ahead, forward = [], fused._Recording.forward
+
+    def counted(self, index, y):
+        ahead.append(index == 0 and self.input_product is not None)
+        return forward(self, index, y)
+
+    monkeypatch.setattr(fused._Recording, "forward", counted)
+    (w_auto, g_auto), (w_fused, g_fused) = (episode(e, segment, rule) for e in ("autograd", "fused"))
+    assert max(relative(a, b) for a, b in zip(w_fused, w_auto)) <= 1e-10
+    assert max(relative(a, b) for a, b in zip(g_fused, g_auto)) <= 1e-10
+    assert sum(ahead) == STEPS  # every step's first product
+
+
 def test_fused_without_grad_leaves_the_callers_weights_unchanged():
     learner = learner_for("fa", SIZES, "pool")
     weights = init_weights(SIZES, generators(2))
